@@ -1,0 +1,177 @@
+"""Command line: `train.py [train] ...`, `train.py prepare ...`, `train.py plan ...`, `train.py estimate ...`.
+
+`main(argv)` does the work and returns its result (tests and notebooks call it); `run(argv)` is the process
+entry point that turns errors into a one-line message and an exit status.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from transformers import HfArgumentParser
+
+from .config import ARG_CLASSES, Config, DataArguments
+from .errors import ConfigError, GPT2TrainingError, TrainingStopped
+
+SUBCOMMANDS = ("train", "prepare", "plan", "estimate")
+def _is_secret(name: str) -> bool:
+    name = name.split("=")[0].lstrip("-").lower()
+    return name == "token" or name.endswith("_token") or any(w in name for w in ("api_key", "password", "secret"))
+
+
+def _refuse_secrets(items: list[str]) -> None:
+    for item in items:
+        name = item.split("=")[0].lstrip("-")
+        if item.startswith("-") and _is_secret(name):
+            raise ConfigError(
+                f"{name!r}: tokens are never accepted as arguments or in config files (they would end up in "
+                "shell history and logs); set HF_TOKEN or WANDB_API_KEY in the environment instead"
+            )
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"config file {p} does not exist")
+    text = p.read_text()
+    if p.suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of setting names to values")
+    _refuse_secrets([f"--{k}" for k in data])
+    return data
+
+
+def parser() -> HfArgumentParser:
+    p = HfArgumentParser(ARG_CLASSES, description="Train a GPT-2 model (see `train.py --help`).")
+    p.add_argument("--config", default=None, help="YAML or JSON file of settings; command-line flags override it.")
+    return p
+
+
+def parse_config(argv: list[str] | None = None, **overrides: Any) -> Config:
+    """Settings from `--config FILE`, then flags, then keyword overrides (used by notebooks and tests)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _refuse_secrets(argv)
+    _refuse_secrets([f"--{k}" for k in overrides])
+    p = parser()
+    defaults: dict[str, Any] = {}
+    if "--config" in argv:
+        i = argv.index("--config")
+        defaults = load_config_file(argv[i + 1])
+        del argv[i : i + 2]
+    defaults.update(overrides)
+    known = {a.dest for a in p._actions}
+    unknown = sorted(set(defaults) - known)
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {', '.join(unknown)}: see `train.py --help` for the names")
+    p.set_defaults(**{k: v for k, v in defaults.items()})
+    if not _cuda():
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+    try:
+        model, data, run, train, *_extra, _rest = p.parse_args_into_dataclasses(
+            args=argv, return_remaining_strings=True
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    if _rest:
+        raise ConfigError(f"unknown argument(s) {' '.join(_rest)}: see `train.py --help`")
+    return Config(model=model, data=data, run=run, train=train)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def prepare_main(argv: list[str]) -> dict:
+    """`train.py prepare --dataset SRC --out DIR`: tokenize a source once into memory-mappable shards."""
+    p = HfArgumentParser((DataArguments,), description="Tokenize a data source into token shards.")
+    p.add_argument("--out", required=True, help="Folder to create for the shards.")
+    p.add_argument("--seed", type=int, default=1337, help="Seed (only used if a tokenizer is trained).")
+    data, rest = p.parse_args_into_dataclasses(args=argv)
+    from .data import resolve_tokenizer, source_from_args
+    from .data.shards import prepare_shards
+
+    tokenizer = resolve_tokenizer(data, seed=rest.seed)
+    src = source_from_args(data, rest.seed)
+    meta = prepare_shards(src, tokenizer, rest.out, validation_per_mille=data.validation_per_mille)
+    tok_dir = Path(rest.out) / "tokenizer"
+    tokenizer.save_pretrained(tok_dir)
+    print(
+        f"wrote {meta['tokens']['train']:,} train and {meta['tokens']['validation']:,} validation tokens "
+        f"({meta['dtype']}) from {meta['documents']['train'] + meta['documents']['validation']:,} documents to "
+        f"{rest.out}; train with --shards_dir {rest.out} --tokenizer {tok_dir}"
+    )
+    return meta
+
+
+def train_main(argv: list[str] | None = None, **overrides: Any):
+    from .trainer import train
+
+    cfg = parse_config(argv, **overrides)
+    result = train(cfg)
+    if result.final_eval and cfg.train.process_index == 0:
+        print(summary(result))
+    return result
+
+
+def summary(result) -> str:
+    """The end-of-run report: where the model is, how well it predicts held-out text, what it writes."""
+    fe, ie = result.final_eval, result.initial_eval
+    lines = [f"\nmodel saved to {result.final_model_dir}" if result.final_model_dir else ""]
+    lines.append(
+        f"held-out: loss {fe['eval_loss']:.3f} nats/token, perplexity {fe['eval_perplexity']:.1f}, "
+        f"{fe['eval_bpb']:.3f} bits per byte"
+    )
+    if ie and result.unigram_bpb is not None:
+        lines.append(
+            f"  for comparison: untrained model {ie['eval_bpb']:.3f} bits/byte; byte frequencies alone (unigram "
+            f"entropy) {result.unigram_bpb:.3f} bits/byte"
+        )
+    if result.tokens_per_s:
+        lines.append(f"trained {result.step} steps, {result.tokens_seen:,} tokens, {result.tokens_per_s:,.0f} tokens/s")
+    for s in result.samples:
+        lines.append(f"--- sample ---\n{s}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None, **overrides: Any):
+    """Dispatch to a subcommand (default: train) and return its result."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv.pop(0) if argv and argv[0] in SUBCOMMANDS else "train"
+    if command == "prepare":
+        return prepare_main(argv)
+    if command == "plan":
+        from .planner import main as plan_main
+
+        return plan_main(argv)
+    if command == "estimate":
+        from .estimate import main as estimate_main
+
+        return estimate_main(argv)
+    return train_main(argv, **overrides)
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Process entry point: exit status 0 on success, 2 for bad input, 3 when training stopped itself,
+    128 + signal number after a SIGTERM/SIGINT checkpoint."""
+    try:
+        result = main(argv)
+    except TrainingStopped as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    except GPT2TrainingError as exc:
+        problems = getattr(exc, "problems", [str(exc)])
+        for p in problems:
+            print(f"error: {p}", file=sys.stderr)
+        return 2
+    return int(getattr(result, "exit_code", 0) or 0)

@@ -1,0 +1,263 @@
+"""Every setting of a run, as typed dataclasses with a default and a help line, validated before any work.
+
+Training settings are Hugging Face's own `TrainingArguments` (same names, same meaning), with defaults that
+suit GPT-2 pretraining; model and data settings use GPT-2's vocabulary (`n_layer`, `n_embd`, `block_size`).
+`validate()` reports every problem at once, before any download or model build.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainingArguments
+from transformers.trainer_utils import SchedulerType
+from transformers.training_args import OptimizerNames
+
+from .errors import ConfigError
+
+# Published sizes: GPT-2 paper table 2 as counted by Hugging Face (tied embeddings, 50257-token vocabulary).
+PRESETS: dict[str, dict[str, int]] = {
+    "tiny": dict(n_layer=2, n_head=2, n_embd=64, n_positions=256),  # tests: seconds on a CPU
+    "mini": dict(n_layer=4, n_head=4, n_embd=256, n_positions=256),  # a laptop CPU: minutes
+    "gpt2-small": dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024),  # 124 M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, n_positions=1024),  # 355 M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280, n_positions=1024),  # 774 M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, n_positions=1024),  # 1.56 B
+}
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+SUPPORTED_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_bnb_8bit", "adamw_8bit", "sgd")
+
+
+@dataclass
+class ModelArguments:
+    """What network to train and where its first weights come from."""
+
+    preset: str = field(default="tiny", metadata={"help": f"Model size: one of {', '.join(PRESETS)}."})
+    n_layer: int | None = field(default=None, metadata={"help": "Override the preset's number of blocks."})
+    n_head: int | None = field(default=None, metadata={"help": "Override the preset's attention heads."})
+    n_embd: int | None = field(default=None, metadata={"help": "Override the preset's width (divisible by n_head)."})
+    n_positions: int | None = field(default=None, metadata={"help": "Override the longest sequence the model takes."})
+    init_from: str = field(
+        default="scratch",
+        metadata={"help": "'scratch' (GPT-2 initialisation), a Hub name such as 'gpt2', or a local model folder."},
+    )
+    dropout: float = field(
+        default=0.0, metadata={"help": "Dropout on embeddings, attention and residuals (0 for pretraining)."}
+    )
+    pad_vocab_to_multiple_of: int = field(
+        default=64, metadata={"help": "Round the embedding table up (50257 -> 50304) for faster matmuls; 1 = off."}
+    )
+    attn_implementation: str = field(
+        default="sdpa", metadata={"help": "Attention kernel: 'sdpa', 'eager' or 'flash_attention_2'."}
+    )
+    loss_impl: str = field(
+        default="chunked",
+        metadata={"help": "'chunked' (fused, never builds fp32 logits) or 'hf' (GPT2LMHeadModel's own loss)."},
+    )
+
+
+@dataclass
+class DataArguments:
+    """Where text comes from and how it becomes batches."""
+
+    dataset: str = field(
+        default="builtin",
+        metadata={
+            "help": "Data source: 'builtin', a local file/folder/glob (.txt .jsonl .json .parquet), "
+            "'hf:<repo>[:<config>]', 'openwebtext', 'deeplake:<path>', 'al://org/name' or 'hub://org/name'."
+        },
+    )
+    text_field: str = field(default="text", metadata={"help": "Field or column that holds the text."})
+    dataset_split: str = field(default="train", metadata={"help": "Split to stream from a Hub dataset."})
+    txt_mode: str = field(default="file", metadata={"help": ".txt files: 'file' (one document each) or 'paragraph'."})
+    shards_dir: str | None = field(
+        default=None, metadata={"help": "Folder of token shards written by `train.py prepare` (fastest input)."}
+    )
+    tokenizer: str = field(
+        default="auto",
+        metadata={"help": "'auto' (train a BPE on the built-in corpus, else GPT-2's), 'train', a Hub name or a folder."},
+    )
+    tokenizer_vocab_size: int = field(default=8192, metadata={"help": "Vocabulary size when training a tokenizer."})
+    block_size: int = field(default=256, metadata={"help": "Tokens per training sequence (<= n_positions)."})
+    validation_per_mille: int = field(
+        default=50, metadata={"help": "Documents held out for evaluation, per thousand, chosen by a hash of the text."}
+    )
+    shuffle_buffer: int = field(default=512, metadata={"help": "Packed sequences in the seeded shuffle buffer; 0 = off."})
+    shuffle_shards: bool = field(default=True, metadata={"help": "Shuffle file/shard order each epoch (seeded)."})
+    eval_max_sequences: int = field(default=256, metadata={"help": "Held-out sequences used by each evaluation."})
+    max_piece_chars: int = field(default=1_000_000, metadata={"help": "Longer documents are read in pieces."})
+
+
+@dataclass
+class RunArguments:
+    """How this project runs a job, beyond what `TrainingArguments` covers."""
+
+    precision: str = field(
+        default="auto",
+        metadata={"help": "auto | bf16 | fp16 | fp32. auto: bf16 where supported, fp16 on older GPUs, else fp32."},
+    )
+    resume: str = field(
+        default="auto", metadata={"help": "'auto' (newest complete checkpoint in output_dir), 'never', or a path."}
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Delete an existing output_dir before starting (with --resume never)."}
+    )
+    allow_resume_changes: bool = field(
+        default=False, metadata={"help": "Resume even if the batch size or accumulation differs from the checkpoint."}
+    )
+    max_bad_steps: int = field(
+        default=5, metadata={"help": "Stop after this many consecutive steps with a non-finite loss or gradient."}
+    )
+    sample_prompts: list[str] = field(
+        default_factory=lambda: ["The", "A function that"],
+        metadata={"help": "Prompts for the samples generated at each evaluation and at the end."},
+    )
+    sample_max_new_tokens: int = field(default=40, metadata={"help": "Tokens generated per sample."})
+    plot: bool = field(default=True, metadata={"help": "Save loss_curve.png in output_dir at the end."})
+    save_final_model: bool = field(default=True, metadata={"help": "Save model + tokenizer to output_dir/final."})
+
+
+@dataclass
+class GPT2TrainingArguments(TrainingArguments):
+    """Hugging Face `TrainingArguments` with defaults for GPT-2 pretraining (nanoGPT's recipe, scaled down)."""
+
+    output_dir: str = field(default="runs/gpt2", metadata={"help": "Where checkpoints, logs and the model go."})
+    per_device_train_batch_size: int = field(default=16, metadata={"help": "Sequences per device per micro-step."})
+    per_device_eval_batch_size: int = field(default=16, metadata={"help": "Sequences per device per eval batch."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-steps per optimizer step."})
+    learning_rate: float = field(default=6e-4, metadata={"help": "Peak learning rate."})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW decay on matrices (not biases/norms)."})
+    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the global gradient norm; 0 = off."})
+    max_steps: int = field(default=1000, metadata={"help": "Optimizer steps to train for."})
+    warmup_steps: float = field(default=100, metadata={"help": "Linear warmup steps (a float < 1 is a ratio)."})
+    lr_scheduler_type: SchedulerType | str = field(default="cosine", metadata={"help": "cosine, linear, constant_with_warmup..."})
+    optim: OptimizerNames | str = field(default="adamw_torch", metadata={"help": f"One of {', '.join(SUPPORTED_OPTIMIZERS)}."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every N optimizer steps."})
+    eval_steps: float | None = field(default=200, metadata={"help": "Evaluate (and sample) every N steps."})
+    save_steps: float = field(default=200, metadata={"help": "Write an atomic checkpoint every N steps."})
+    save_total_limit: int | None = field(default=2, metadata={"help": "Keep this many newest checkpoints."})
+    seed: int = field(default=1337, metadata={"help": "Seed for initialisation, dropout and data order."})
+    report_to: None | str | list[str] = field(default="none", metadata={"help": "none, tensorboard, wandb (offline without a key)."})
+    dataloader_num_workers: int = field(default=0, metadata={"help": "Unused: the data pipeline runs in-process."})
+
+
+ARG_CLASSES = (ModelArguments, DataArguments, RunArguments, GPT2TrainingArguments)
+
+
+@dataclass
+class Config:
+    """One run's settings, grouped as the help text groups them."""
+
+    model: ModelArguments
+    data: DataArguments
+    run: RunArguments
+    train: GPT2TrainingArguments
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain settings for logs and checkpoints; token fields are dropped so they never reach a file."""
+        out: dict[str, Any] = {}
+        for part in (self.model, self.data, self.run):
+            out.update(dataclasses.asdict(part))
+        for f in dataclasses.fields(TrainingArguments):
+            if f.name in ("hub_token",):
+                continue
+            value = getattr(self.train, f.name, None)
+            out[f.name] = value if isinstance(value, int | float | str | bool | type(None)) else str(value)
+        return out
+
+
+def model_shape(model: ModelArguments) -> dict[str, int]:
+    """The preset's shape with the explicit overrides applied."""
+    shape = dict(PRESETS.get(model.preset, PRESETS["tiny"]))
+    for key in ("n_layer", "n_head", "n_embd", "n_positions"):
+        if getattr(model, key) is not None:
+            shape[key] = getattr(model, key)
+    return shape
+
+
+def validate(cfg: Config, *, cuda_available: bool, bf16_ok: bool) -> None:
+    """Raise ConfigError listing every problem found, so one run shows them all."""
+    problems: list[str] = []
+    m, d, r, t = cfg.model, cfg.data, cfg.run, cfg.train
+    if m.preset not in PRESETS:
+        problems.append(f"unknown preset {m.preset!r}: choose one of {', '.join(PRESETS)}")
+    shape = model_shape(m)
+    if shape["n_embd"] % shape["n_head"]:
+        problems.append(
+            f"n_embd={shape['n_embd']} is not divisible by n_head={shape['n_head']}: each head gets "
+            f"n_embd/n_head dimensions, so pick e.g. n_head={_divisor_near(shape['n_embd'], shape['n_head'])}"
+        )
+    if d.block_size > shape["n_positions"]:
+        problems.append(
+            f"block_size={d.block_size} exceeds n_positions={shape['n_positions']}: lower --block_size "
+            f"or raise --n_positions"
+        )
+    if d.block_size < 2:
+        problems.append("block_size must be at least 2 (one input and one target token)")
+    if not 0.0 <= m.dropout < 1.0:
+        problems.append(f"dropout={m.dropout} must be in [0, 1)")
+    if m.attn_implementation not in ("sdpa", "eager", "flash_attention_2"):
+        problems.append(f"attn_implementation={m.attn_implementation!r}: use sdpa, eager or flash_attention_2")
+    if m.loss_impl not in ("chunked", "hf"):
+        problems.append(f"loss_impl={m.loss_impl!r}: use 'chunked' or 'hf'")
+    if m.pad_vocab_to_multiple_of < 1:
+        problems.append("pad_vocab_to_multiple_of must be >= 1")
+    if d.txt_mode not in ("file", "paragraph"):
+        problems.append(f"txt_mode={d.txt_mode!r}: use 'file' or 'paragraph'")
+    if not 0 <= d.validation_per_mille < 1000:
+        problems.append("validation_per_mille must be in [0, 1000)")
+    if d.tokenizer_vocab_size < 257:
+        problems.append("tokenizer_vocab_size must be at least 257 (256 bytes + end-of-text)")
+    if d.shards_dir is not None and not (Path(d.shards_dir) / "meta.json").exists():
+        problems.append(
+            f"shards_dir {d.shards_dir!r} has no meta.json: create it with `train.py prepare --out {d.shards_dir}`"
+        )
+    if t.gradient_accumulation_steps < 1:
+        problems.append("gradient_accumulation_steps must be >= 1")
+    if t.per_device_train_batch_size < 1:
+        problems.append("per_device_train_batch_size must be >= 1")
+    if t.max_steps < 1:
+        problems.append("max_steps must be >= 1 (this project trains by steps, not epochs)")
+    if t.learning_rate <= 0:
+        problems.append("learning_rate must be > 0")
+    if str(getattr(t.optim, "value", t.optim)) not in SUPPORTED_OPTIMIZERS:
+        problems.append(f"optim={t.optim!r} is not supported here: use one of {', '.join(SUPPORTED_OPTIMIZERS)}")
+    if r.precision not in PRECISIONS:
+        problems.append(f"precision={r.precision!r}: use one of {', '.join(PRECISIONS)}")
+    elif r.precision == "fp16" and not cuda_available:
+        problems.append("precision=fp16 needs a CUDA GPU (loss scaling); on a CPU use bf16 or fp32")
+    elif r.precision == "bf16" and not bf16_ok:
+        problems.append("precision=bf16 is not supported on this hardware: use fp16 (older GPUs) or fp32")
+    if r.max_bad_steps < 1:
+        problems.append("max_bad_steps must be >= 1")
+    if r.resume not in ("auto", "never") and not Path(r.resume).exists():
+        problems.append(f"resume={r.resume!r}: no such checkpoint; use 'auto', 'never' or an existing path")
+    if r.overwrite_output_dir and r.resume != "never":
+        problems.append("overwrite_output_dir needs --resume never (otherwise the run would resume, not restart)")
+    if d.dataset != "builtin" and _looks_local(d.dataset) and not _glob_matches(d.dataset):
+        problems.append(f"dataset path {d.dataset!r} does not exist: check the path or glob")
+    if problems:
+        raise ConfigError(problems)
+
+
+def _divisor_near(n: int, target: int) -> int:
+    divisors = [k for k in range(1, n + 1) if n % k == 0]
+    return min(divisors, key=lambda k: (abs(k - target), k))
+
+
+def _looks_local(spec: str) -> bool:
+    if spec in ("builtin", "openwebtext"):
+        return False
+    return ":" not in spec.split("/")[0] or spec.startswith("file://")
+
+
+def _glob_matches(spec: str) -> bool:
+    import glob
+
+    path = spec.removeprefix("file://")
+    return os.path.exists(path) or bool(glob.glob(path, recursive=True))

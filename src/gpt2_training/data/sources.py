@@ -1,0 +1,539 @@
+"""Data sources: one string names where training text comes from, and every source yields the same thing.
+
+`open_source(spec)` understands
+
+* ``builtin``: the built-in corpus (`gpt2_training.data.corpus.builtin_documents`);
+* local files, folders (searched recursively) and globs of ``.txt``, ``.jsonl``, ``.json`` and ``.parquet``;
+* ``hf:<repo_id>[:<config>]``: a Hugging Face Hub dataset, streamed; ``openwebtext`` is an alias for
+  ``hf:Skylion007/openwebtext``, whose owner replaced the loading script (which `datasets` >= 4 refuses) by
+  parquet shards under ``data/``;
+* ``hf-json:``, ``hf-parquet:``, ``hf-text:`` followed by a local path or glob: local files read through the
+  `datasets` streaming code, so that path can be exercised without network;
+* DeepLake: ``deeplake:<url>``, ``al://org/name``, ``hub://org/name``, ``file://<folder>`` or a plain folder
+  that holds a DeepLake dataset. Version 4 datasets are opened with `deeplake.open_read_only`; version 3
+  datasets (such as ``hub://activeloop/openwebtext``) are read through a TQL query, which deeplake 4 allows
+  read-only. Credentials come from the environment (``ACTIVELOOP_TOKEN``), never from arguments.
+
+Every source yields `Piece`s: a document's text, cut into pieces of at most ``max_piece_chars`` characters
+(``last`` marks the piece that ends a document), each with a JSON-serialisable position. A position is
+``[shard_rank, offset, chars_done]``: the rank of the file/shard in this epoch's order, an offset inside it
+(byte offset for .txt and .jsonl files, list index for .json lists, row for parquet, example for Hugging Face
+shards, row within a 1024-row chunk for DeepLake, 0 for a built-in document) and how many characters of the
+document at that offset were already yielded. Resuming seeks straight to the shard and offset, so it costs
+nothing for the shards before it. With ``shuffle=True`` the shard order (files, Hugging Face shards, DeepLake
+row chunks, built-in documents) is permuted by a RNG seeded from (seed, epoch); documents inside a shard keep
+their order.
+
+Text that is not valid UTF-8 is decoded with ``errors="replace"``: each bad byte sequence becomes U+FFFD, the
+number of such characters is added to ``stats["replaced_characters"]``, and one warning per file names the file
+and the byte offset of the first bad byte. Training goes on: one damaged file must not stop a long run.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import random
+import socket
+import warnings
+from abc import ABC, abstractmethod
+from bisect import bisect_right
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from gpt2_training.errors import ConfigError, DataError
+
+Position = Any  # JSON-serialisable marker; here always [shard_rank, offset, chars_done]
+
+SUPPORTED_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
+OPENWEBTEXT_HUB_NAME = "Skylion007/openwebtext"
+DEEPLAKE_CHUNK_ROWS = 1024  # shuffle granularity for DeepLake: big enough for sequential reads
+_DEEPLAKE_BATCH_ROWS = 256
+_REMOTE_DEEPLAKE = ("al://", "hub://")
+_TXT_MODES = ("file", "paragraph")
+
+# (offset where the document starts, its text or None for a null value, offset after it, whether it ends there)
+_Segment = tuple[int, "str | None", int, bool]
+
+
+@dataclass
+class Piece:
+    text: str
+    position: Position  # resuming from this position yields exactly what comes after this piece
+    last: bool  # True when this piece ends its document (the pipeline appends EOS only then)
+
+
+class DocumentSource(ABC):
+    """A named source of documents, read in a deterministic, resumable order."""
+
+    description: str
+    stats: Counter[str]
+
+    @abstractmethod
+    def pieces(self, epoch: int = 0, position: Position | None = None) -> Iterator[Piece]:
+        """Pieces of documents in epoch order, starting after `position` (None: from the start of the epoch)."""
+
+
+class _ShardedSource(DocumentSource):
+    """Common engine: shard order per epoch, seeking to a position, and cutting documents into pieces.
+
+    Subclasses list their shards and read one shard from an offset as `_Segment`s.
+    """
+
+    def __init__(self, description: str, num_shards: int, shuffle: bool, seed: int, max_piece_chars: int):
+        if max_piece_chars < 4:  # the .txt reader needs room for one whole UTF-8 character per piece
+            raise ConfigError(f"max_piece_chars must be at least 4, got {max_piece_chars}")
+        self.description = description
+        self.num_shards = num_shards
+        self.shuffle = shuffle
+        self.seed = seed
+        self.max_piece_chars = max_piece_chars
+        self.stats = Counter()
+        self._warned: set[str] = set()
+
+    @abstractmethod
+    def _read(self, shard: int, offset: int) -> Iterator[_Segment]: ...
+
+    def shard_order(self, epoch: int) -> list[int]:
+        order = list(range(self.num_shards))
+        if self.shuffle:
+            # A string seed is hashed with SHA-512 by `random`, so the order is the same in every process.
+            random.Random(f"gpt2_training:{self.seed}:{epoch}").shuffle(order)
+        return order
+
+    def _check_not_empty(self) -> None:
+        """Fail at open time, not hours later: read up to the first document in canonical order."""
+        for shard in range(self.num_shards):
+            if any(text is not None for _, text, _, _ in self._read(shard, 0)):
+                self.stats.clear()  # the peek is not part of any epoch
+                return
+        raise DataError(f"{self.description}: no documents found; check that the source is not empty")
+
+    def pieces(self, epoch: int = 0, position: Position | None = None) -> Iterator[Piece]:
+        start_rank, start_offset, start_chars = self._parse_position(position)
+        order = self.shard_order(epoch)
+        size = self.max_piece_chars
+        for rank in range(start_rank, self.num_shards):
+            offset, skip = (start_offset, start_chars) if rank == start_rank else (0, 0)
+            for begin, text, end, ends_document in self._read(order[rank], offset):
+                if text is None:  # a null value is a missing document, not an empty one
+                    continue
+                done, skip = skip, 0
+                text = text[done:]
+                if ends_document and len(text) > size:
+                    self.stats["documents_split"] += 1
+                for cut in range(0, max(len(text), 1), size):
+                    final = cut + size >= len(text)
+                    position = [rank, end, 0] if final else [rank, begin, done + cut + size]
+                    self.stats["pieces"] += 1
+                    yield Piece(text[cut : cut + size], position, final and ends_document)
+                if ends_document:
+                    self.stats["documents_read"] += 1
+
+    def _parse_position(self, position: Position | None) -> tuple[int, int, int]:
+        if position is None:
+            return 0, 0, 0
+        if (
+            isinstance(position, list | tuple)
+            and len(position) == 3
+            and all(isinstance(v, int) and v >= 0 for v in position)
+            and position[0] < max(self.num_shards, 1)
+        ):
+            return position[0], position[1], position[2]
+        raise DataError(
+            f"{self.description}: position {position!r} is not [shard_rank, offset, chars] for this source; "
+            "resume with a position this source produced"
+        )
+
+    def _decode(self, data: bytes, path: Path, offset: int) -> str:
+        """UTF-8 with replacement; counts replaced characters and warns once per file (see module docstring)."""
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as error:
+            text = data.decode("utf-8", errors="replace")
+            # A valid U+FFFD in the input is the byte sequence EF BF BD; every other U+FFFD is a replacement.
+            self.stats["replaced_characters"] += text.count("\ufffd") - data.count(b"\xef\xbf\xbd")
+            if str(path) not in self._warned:
+                self._warned.add(str(path))
+                warnings.warn(
+                    f"{path}: invalid UTF-8 at byte offset {offset + error.start}; bad bytes are replaced by "
+                    "U+FFFD and counted in stats['replaced_characters']",
+                    UnicodeWarning,
+                    stacklevel=2,
+                )
+            return text
+
+
+def _require_field(field: str, available: list[str], where: str) -> None:
+    if field not in available:
+        raise DataError(
+            f"{where}: no text field {field!r}; available fields: {', '.join(available) or '(none)'}; "
+            "set text_field to one of them"
+        )
+
+
+def _text_value(value: Any, field: str, where: str) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise DataError(
+            f"{where}: field {field!r} holds {type(value).__name__}, not text; choose a text field"
+        )
+    return value
+
+
+class BuiltinSource(_ShardedSource):
+    """The built-in corpus; each document is its own shard, so shuffling permutes documents."""
+
+    def __init__(self, documents: list[str], shuffle: bool, seed: int, max_piece_chars: int):
+        super().__init__(
+            f"built-in corpus: {len(documents)} documents", len(documents), shuffle, seed, max_piece_chars
+        )
+        self.documents = documents
+        self._check_not_empty()
+
+    def _read(self, shard: int, offset: int) -> Iterator[_Segment]:
+        if offset == 0:
+            yield 0, self.documents[shard], 1, True
+
+
+class LocalFileSource(_ShardedSource):
+    """Local .txt/.jsonl/.json/.parquet files; each file is a shard."""
+
+    def __init__(
+        self,
+        spec: str,
+        files: list[Path],
+        text_field: str,
+        txt_mode: str,
+        shuffle: bool,
+        seed: int,
+        max_piece_chars: int,
+    ):
+        super().__init__(
+            _files_description("local files", spec, files), len(files), shuffle, seed, max_piece_chars
+        )
+        self.files = files
+        self.text_field = text_field
+        self.txt_mode = txt_mode
+        self._check_not_empty()
+
+    def _read(self, shard: int, offset: int) -> Iterator[_Segment]:
+        path = self.files[shard]
+        suffix = path.suffix.lower()
+        if suffix == ".parquet":
+            return self._read_parquet(path, offset)
+        if suffix == ".txt":
+            return (
+                self._read_txt(path, offset)
+                if self.txt_mode == "file"
+                else self._read_paragraphs(path, offset)
+            )
+        if suffix == ".json" and _starts_with_bracket(path):
+            return self._read_json_list(path, offset)
+        return self._read_json_lines(path, offset)
+
+    def _read_txt(self, path: Path, offset: int) -> Iterator[_Segment]:
+        """One document per file, read a block at a time so a multi-GB file never sits in memory."""
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            f.seek(offset)
+            while offset < size:
+                # At most max_piece_chars bytes decode to at most max_piece_chars characters: one piece.
+                block = f.read(self.max_piece_chars)
+                if not block:  # the file shrank while we read it
+                    return
+                block, tail = _split_incomplete_utf8(block, at_eof=offset + len(block) >= size)
+                f.seek(-len(tail), os.SEEK_CUR)  # an incomplete character is read again with the next block
+                end = offset + len(block)
+                yield offset, self._decode(block, path, offset), end, end >= size
+                offset = end
+
+    def _read_paragraphs(self, path: Path, offset: int) -> Iterator[_Segment]:
+        """One document per run of non-blank lines; blank (whitespace-only) lines separate documents."""
+        with path.open("rb") as f:
+            f.seek(offset)
+            lines: list[str] = []
+            begin = offset
+            for raw in f:
+                line = self._decode(raw, path, offset)
+                offset += len(raw)
+                if line.strip():
+                    lines.append(line)
+                    continue
+                if lines:
+                    yield begin, "".join(lines).rstrip("\r\n"), offset, True
+                    lines = []
+                begin = offset
+            if lines:
+                yield begin, "".join(lines).rstrip("\r\n"), offset, True
+
+    def _read_json_lines(self, path: Path, offset: int) -> Iterator[_Segment]:
+        with path.open("rb") as f:
+            f.seek(offset)
+            for raw in f:
+                begin, offset = offset, offset + len(raw)
+                if not raw.strip():
+                    continue
+                where = f"{path} (byte {begin})"
+                record = _parse_json(self._decode(raw, path, begin), where)
+                yield begin, self._field(record, where), offset, True
+
+    def _read_json_list(self, path: Path, offset: int) -> Iterator[_Segment]:
+        # A JSON array cannot be read incrementally with the standard library; such files are small in practice.
+        records = _parse_json(self._decode(path.read_bytes(), path, 0), str(path))
+        if not isinstance(records, list):
+            raise DataError(f"{path}: expected a list of objects or JSON lines; convert the file to .jsonl")
+        for index in range(offset, len(records)):
+            yield index, self._field(records[index], f"{path} (item {index})"), index + 1, True
+
+    def _read_parquet(self, path: Path, offset: int) -> Iterator[_Segment]:
+        import pyarrow.parquet as pq
+
+        parquet = pq.ParquetFile(path)
+        _require_field(self.text_field, parquet.schema_arrow.names, str(path))
+        starts = [0]
+        for group in range(parquet.num_row_groups):
+            starts.append(starts[-1] + parquet.metadata.row_group(group).num_rows)
+        # Seek to the row group that holds `offset`; only the rows before it inside that group are skipped.
+        first_group = bisect_right(starts, offset) - 1
+        for group in range(max(first_group, 0), parquet.num_row_groups):
+            texts = parquet.read_row_group(group, columns=[self.text_field]).column(0).to_pylist()
+            for index in range(max(offset, starts[group]), starts[group + 1]):
+                text = _text_value(texts[index - starts[group]], self.text_field, f"{path} (row {index})")
+                yield index, text, index + 1, True
+
+    def _field(self, record: Any, where: str) -> str | None:
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected a JSON object with a {self.text_field!r} field")
+        _require_field(self.text_field, list(record), where)
+        return _text_value(record[self.text_field], self.text_field, where)
+
+
+class HuggingFaceSource(_ShardedSource):
+    """A streamed `datasets.IterableDataset`, read shard by shard; resuming skips only inside one shard."""
+
+    def __init__(
+        self, description: str, dataset: Any, text_field: str, shuffle: bool, seed: int, max_piece_chars: int
+    ):
+        super().__init__(
+            f"{description} ({dataset.num_shards} shards)", dataset.num_shards, shuffle, seed, max_piece_chars
+        )
+        self.dataset = dataset
+        self.text_field = text_field
+        if dataset.column_names is not None:  # known up front for parquet; json learns it from the first row
+            _require_field(text_field, dataset.column_names, description)
+        self._check_not_empty()
+
+    def _read(self, shard: int, offset: int) -> Iterator[_Segment]:
+        part = self.dataset.shard(num_shards=self.num_shards, index=shard)
+        if offset:
+            part = part.skip(offset)
+        for index, example in enumerate(part, start=offset):
+            where = f"{self.description}, shard {shard}, example {index}"
+            _require_field(self.text_field, list(example), where)
+            yield index, _text_value(example[self.text_field], self.text_field, where), index + 1, True
+
+
+class DeepLakeSource(_ShardedSource):
+    """A DeepLake dataset read by row index; shards are fixed-size row chunks."""
+
+    def __init__(
+        self, url: str, dataset: Any, text_field: str, shuffle: bool, seed: int, max_piece_chars: int
+    ):
+        self.rows = len(dataset)
+        chunks = -(-self.rows // DEEPLAKE_CHUNK_ROWS)
+        super().__init__(f"DeepLake dataset {url}: {self.rows} rows", chunks, shuffle, seed, max_piece_chars)
+        self.dataset = dataset
+        self.text_field = text_field
+        _require_field(text_field, [c.name for c in dataset.schema.columns], f"DeepLake dataset {url}")
+        self._check_not_empty()
+
+    def _read(self, shard: int, offset: int) -> Iterator[_Segment]:
+        first = shard * DEEPLAKE_CHUNK_ROWS
+        stop = min(first + DEEPLAKE_CHUNK_ROWS, self.rows)
+        for start in range(first + offset, stop, _DEEPLAKE_BATCH_ROWS):
+            texts = self.dataset[start : min(start + _DEEPLAKE_BATCH_ROWS, stop)][self.text_field]
+            for row, text in enumerate(texts, start=start - first):
+                # DeepLake returns None for an empty string, so None cannot mean a missing document here.
+                yield row, text or "", row + 1, True
+
+
+def open_source(
+    spec: str,
+    *,
+    text_field: str = "text",
+    split: str = "train",
+    txt_mode: str = "file",
+    shuffle: bool = True,
+    seed: int = 0,
+    max_piece_chars: int = 1_000_000,
+    hf_revision: str | None = None,
+) -> DocumentSource:
+    """Open the data source named by `spec` (see the module docstring for the accepted forms)."""
+    if txt_mode not in _TXT_MODES:
+        raise ConfigError(f"txt_mode must be one of {', '.join(_TXT_MODES)}, got {txt_mode!r}")
+    common = {"shuffle": shuffle, "seed": seed, "max_piece_chars": max_piece_chars}
+    if spec == "builtin":
+        from gpt2_training.data.corpus import builtin_documents
+
+        return BuiltinSource(builtin_documents(), **common)
+    if spec == "openwebtext":
+        spec = f"hf:{OPENWEBTEXT_HUB_NAME}"
+    kind, _, rest = spec.partition(":")
+    if kind == "hf":
+        repo, _, config = rest.partition(":")
+        dataset = _load_hf(repo, config or None, None, split, hf_revision)
+        return HuggingFaceSource(f"Hugging Face dataset {rest} ({split})", dataset, text_field, **common)
+    if kind in ("hf-json", "hf-parquet", "hf-text"):
+        suffixes = {"hf-json": (".jsonl", ".json"), "hf-parquet": (".parquet",), "hf-text": (".txt",)}[kind]
+        files = _find_files(rest, suffixes)
+        options = (
+            {"sample_by": "document" if txt_mode == "file" else "paragraph"} if kind == "hf-text" else {}
+        )
+        dataset = _load_hf(kind[3:], None, [str(f) for f in files], "train", None, **options)
+        return HuggingFaceSource(
+            _files_description(f"{kind} streaming", rest, files), dataset, text_field, **common
+        )
+    if kind == "deeplake":
+        return _open_deeplake(rest, text_field, **common)
+    if spec.startswith(_REMOTE_DEEPLAKE):
+        return _open_deeplake(spec, text_field, **common)
+    if spec.startswith("file://"):
+        spec = spec.removeprefix("file://")
+    if _is_deeplake_folder(Path(spec)):
+        return _open_deeplake(spec, text_field, **common)
+    return LocalFileSource(spec, _find_files(spec, SUPPORTED_SUFFIXES), text_field, txt_mode, **common)
+
+
+def _find_files(spec: str, suffixes: tuple[str, ...]) -> list[Path]:
+    """Files named by a path, folder (recursive) or glob, sorted by path, keeping only supported suffixes."""
+    if glob.has_magic(spec):
+        matches = [Path(p) for p in glob.glob(spec, recursive=True)]
+        if not matches:
+            raise DataError(f"no files match {spec!r}; check the pattern and the working directory")
+    else:
+        matches = [Path(spec)]
+        if not matches[0].exists():
+            raise DataError(f"no such file or folder: {spec!r}; check the path")
+    files: set[Path] = set()
+    for match in matches:
+        files.update(match.rglob("*") if match.is_dir() else [match])
+    found = sorted(f for f in files if f.is_file() and f.suffix.lower() in suffixes)
+    if not found:
+        raise DataError(f"no supported files in {spec!r}; supported suffixes: {', '.join(suffixes)}")
+    return found
+
+
+def _files_description(what: str, spec: str, files: list[Path]) -> str:
+    kinds = Counter(f.suffix.lower() for f in files)
+    return (
+        f"{what}: "
+        + ", ".join(f"{n} {suffix} files" for suffix, n in sorted(kinds.items()))
+        + f" from {spec}"
+    )
+
+
+def _starts_with_bracket(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(4096).lstrip().startswith(b"[")
+
+
+def _parse_json(text: str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise DataError(f"{where}: invalid JSON ({error.msg}); fix or remove the line") from error
+
+
+def _split_incomplete_utf8(block: bytes, at_eof: bool) -> tuple[bytes, bytes]:
+    """Split off a UTF-8 character cut by the block boundary, so it is decoded whole with the next block."""
+    if at_eof:
+        return block, b""
+    for back in range(1, min(4, len(block)) + 1):
+        byte = block[-back]
+        if byte & 0xC0 == 0x80:  # continuation byte: keep looking for the lead byte
+            continue
+        needed = 2 if byte >= 0xC0 else 1
+        needed += (byte >= 0xE0) + (byte >= 0xF0)
+        return (block[:-back], block[-back:]) if needed > back and back < len(block) else (block, b"")
+    return block, b""
+
+
+def _load_hf(
+    path: str,
+    name: str | None,
+    data_files: list[str] | None,
+    split: str,
+    revision: str | None,
+    **options: Any,
+) -> Any:
+    """`datasets.load_dataset(..., streaming=True)`, turning every failure into a prompt one-line DataError."""
+    offline = any(
+        os.environ.get(v, "").lower() in ("1", "true", "yes")
+        for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    )
+    advice = "check the name and network access, or use a local path"
+    if offline:
+        advice = "HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set, so only datasets already in the cache load"
+    elif data_files is None and not _hub_resolvable():
+        # Without this check `datasets` retries for half a minute before giving up.
+        raise DataError(
+            f"cannot reach the Hugging Face Hub to load {path!r}: no network; "
+            "set HF_HUB_OFFLINE=1 to use a cached copy, or use a local path"
+        )
+    import datasets
+
+    try:
+        return datasets.load_dataset(
+            path, name, data_files=data_files, split=split, streaming=True, revision=revision, **options
+        )
+    except (
+        Exception
+    ) as error:  # datasets raises many types (ConnectionError, FileNotFoundError, ValueError...)
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DataError(
+            f"could not load Hugging Face dataset {path!r} (split {split!r}): {detail}; {advice}"
+        ) from error
+
+
+def _hub_resolvable() -> bool:
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True  # the proxy resolves names; we cannot check cheaply
+    from huggingface_hub import constants
+
+    try:
+        socket.getaddrinfo(urlparse(constants.ENDPOINT).hostname, 443)
+    except OSError:
+        return False
+    return True
+
+
+def _is_deeplake_folder(path: Path) -> bool:
+    # v4 keeps a `_deeplake_log` folder; v3 a `dataset_meta.json` file.
+    return path.is_dir() and ((path / "_deeplake_log").is_dir() or (path / "dataset_meta.json").is_file())
+
+
+def _open_deeplake(url: str, text_field: str, **common: Any) -> DeepLakeSource:
+    import deeplake
+
+    remote = url.startswith(_REMOTE_DEEPLAKE)
+    if not remote and "://" not in url and not _is_deeplake_folder(Path(url)):
+        raise DataError(f"no DeepLake dataset at {url!r}; check the path")
+    try:
+        dataset = deeplake.open_read_only(url)
+    except Exception as v4_error:  # deeplake's errors derive from Exception only
+        try:
+            # deeplake 4 cannot open version 3 datasets, but it can read them through a query.
+            dataset = deeplake.query(f'SELECT * FROM "{url}"')
+        except Exception:
+            raise DataError(
+                f"could not reach or find DeepLake dataset {url!r} ({str(v4_error).strip()}); check the "
+                "network and credentials (ACTIVELOOP_TOKEN env var) or use a local path; for a version 3 "
+                f"dataset, convert it once with python -c \"import deeplake; deeplake.convert('{url}', "
+                "'./dataset-v4')\" and use deeplake:./dataset-v4, or use the openwebtext (Hugging Face) alias"
+            ) from v4_error
+    return DeepLakeSource(url, dataset, text_field, **common)

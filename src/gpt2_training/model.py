@@ -1,0 +1,151 @@
+"""The model: a standard `transformers.GPT2LMHeadModel`, built from a preset or loaded from pre-trained weights,
+plus a fused cross-entropy that never materialises the full fp32 logits.
+
+Checkpoints stay plain Hugging Face models, so `AutoModelForCausalLM.from_pretrained(dir)` loads them.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from .config import ModelArguments, model_shape
+from .errors import ConfigError
+
+
+def padded_vocab_size(vocab_size: int, multiple: int) -> int:
+    """Round up so the embedding and output matmuls hit fast kernel tile sizes (50257 -> 50304)."""
+    return int(math.ceil(vocab_size / multiple) * multiple)
+
+
+def gpt2_config(args: ModelArguments, vocab_size: int, bos_eos_id: int) -> GPT2Config:
+    """A GPT2Config for the preset, with dropout and attention kernel from the settings."""
+    shape = model_shape(args)
+    return GPT2Config(
+        vocab_size=padded_vocab_size(vocab_size, args.pad_vocab_to_multiple_of),
+        resid_pdrop=args.dropout,
+        embd_pdrop=args.dropout,
+        attn_pdrop=args.dropout,
+        bos_token_id=bos_eos_id,
+        eos_token_id=bos_eos_id,
+        pad_token_id=bos_eos_id,
+        attn_implementation=args.attn_implementation,
+        **shape,
+    )
+
+
+def count_parameters(config: GPT2Config) -> int:
+    """Parameters of GPT2LMHeadModel for a config, counted analytically (tied input/output embeddings)."""
+    d, L, v, p = config.n_embd, config.n_layer, config.vocab_size, config.n_positions
+    inner = config.n_inner or 4 * d
+    per_block = 2 * 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * inner + inner) + (inner * d + d)
+    return v * d + p * d + L * per_block + 2 * d
+
+
+def build_model(args: ModelArguments, vocab_size: int, eos_id: int) -> GPT2LMHeadModel:
+    """From scratch (GPT-2's initialisation, seeded by the caller) or from pre-trained weights."""
+    if args.init_from == "scratch":
+        return GPT2LMHeadModel(gpt2_config(args, vocab_size, eos_id))
+    model = load_pretrained(args.init_from, args)
+    if model.config.vocab_size < vocab_size:
+        # A tokenizer with more tokens than the checkpoint: grow the tables; the new rows get GPT-2's init.
+        model.resize_token_embeddings(padded_vocab_size(vocab_size, args.pad_vocab_to_multiple_of))
+    return model
+
+
+def load_pretrained(name_or_path: str, args: ModelArguments) -> GPT2LMHeadModel:
+    """Load weights from a local folder or the Hub, with a clear message when offline."""
+    local = Path(name_or_path)
+    try:
+        return GPT2LMHeadModel.from_pretrained(
+            name_or_path,
+            attn_implementation=args.attn_implementation,
+            resid_pdrop=args.dropout,
+            embd_pdrop=args.dropout,
+            attn_pdrop=args.dropout,
+        )
+    except OSError as exc:
+        where = "local folder" if local.exists() else "Hugging Face Hub name"
+        raise ConfigError(
+            f"cannot load pre-trained weights from {where} {name_or_path!r} ({type(exc).__name__}): "
+            "check the name and your network, or download it once with internet access "
+            "(huggingface-cli download gpt2) and pass the local folder to --init_from"
+        ) from exc
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of `hidden @ weight.T` against `targets`, computed chunk by chunk.
+
+    The gradients for `hidden` and `weight` are computed during the forward pass, one chunk at a time,
+    so neither the [tokens, vocab] logits nor their fp32 copy are ever held for the backward pass. This is the
+    trick behind Liger-Kernel's fused linear cross-entropy, written here in plain PyTorch.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size: int, compute_dtype: torch.dtype):
+        n = hidden.shape[0]
+        h = hidden.to(compute_dtype)
+        w = weight.to(compute_dtype)
+        need_grad = hidden.requires_grad or weight.requires_grad
+        grad_h = torch.empty_like(h) if need_grad else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, n, chunk_size):
+            h_c = h[start : start + chunk_size]
+            t_c = targets[start : start + chunk_size]
+            logits = (h_c @ w.t()).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, t_c[:, None]).squeeze(1)).sum()
+            if need_grad:
+                probs = torch.exp(logits - lse[:, None])
+                probs[torch.arange(len(t_c), device=probs.device), t_c] -= 1.0
+                probs /= n
+                g = probs.to(compute_dtype)
+                grad_h[start : start + chunk_size] = g @ w
+                grad_w += (g.t() @ h_c).float()
+        if need_grad:
+            ctx.save_for_backward(grad_h.to(hidden.dtype), grad_w.to(weight.dtype))
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_out, grad_w * grad_out, None, None, None
+
+
+def chunked_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 4096
+) -> torch.Tensor:
+    """Mean next-token loss from final hidden states [N, D], the output matrix [V, D] and targets [N]."""
+    dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else None
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk_size, dtype or hidden.dtype)
+
+
+class CausalLMWithLoss(torch.nn.Module):
+    """Wraps a GPT2LMHeadModel so that forward returns the next-token loss on packed sequences.
+
+    The loss must live inside forward: DDP, FSDP and DeepSpeed only synchronise gradients of computations that
+    run through the wrapped module's forward. `self.lm` stays a plain Hugging Face model for saving.
+    """
+
+    def __init__(self, lm: GPT2LMHeadModel, loss_impl: str = "chunked"):
+        super().__init__()
+        self.lm = lm
+        self.loss_impl = loss_impl
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.loss_impl == "hf":
+            return self.lm(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+        hidden = self.lm.transformer(input_ids=input_ids, use_cache=False).last_hidden_state
+        h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+        return chunked_cross_entropy(h, self.lm.lm_head.weight, input_ids[:, 1:].reshape(-1))
+
+
+def reference_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The plain computation the chunked loss must match (used by tests and benchmarks)."""
+    return F.cross_entropy((hidden @ weight.t()).float(), targets)

@@ -1,0 +1,91 @@
+"""Where a run's numbers go: a JSON-lines log always, TensorBoard or Weights & Biases when asked, and a
+loss-curve PNG at the end. W&B runs offline unless an API key is configured, so it never prompts or hangs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)  # 'nan' / 'inf' stay visible in the log instead of breaking JSON
+    return value
+
+
+class Reporter:
+    """Logs from the main process only; other processes get a reporter that does nothing."""
+
+    def __init__(self, output_dir: str | Path, report_to: list[str], config: dict, enabled: bool = True):
+        self.enabled = enabled
+        self.path = Path(output_dir) / "train_log.jsonl"
+        self.history: list[dict] = []
+        self._tb = self._wandb = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if "tensorboard" in report_to:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"))
+        if "wandb" in report_to:
+            import wandb
+
+            mode = "online" if os.environ.get("WANDB_API_KEY") and os.environ.get("WANDB_MODE") != "offline" else "offline"
+            self._wandb = wandb.init(
+                project=os.environ.get("WANDB_PROJECT", "gpt2-training"),
+                dir=str(output_dir),
+                mode=mode,
+                config=config,
+                settings=wandb.Settings(silent=True, console="off", save_code=False),
+            )
+
+    def log(self, record: dict) -> None:
+        self.history.append(record)
+        if not self.enabled:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
+        step = record.get("step", 0)
+        numbers = {k: v for k, v in record.items() if isinstance(v, int | float) and k != "step"}
+        if self._tb is not None:
+            for k, v in numbers.items():
+                self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(numbers, step=step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def plot_loss_curve(history: list[dict], path: str | Path, title: str = "") -> Path | None:
+    """Training loss per step and held-out loss per evaluation, saved as a PNG."""
+    train = [(r["step"], r["loss"]) for r in history if r.get("event") == "train" and math.isfinite(r["loss"])]
+    evals = [(r["step"], r["eval_loss"]) for r in history if r.get("event") == "eval"]
+    if not train and not evals:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss", linewidth=1)
+    if evals:
+        ax.plot(*zip(*evals, strict=True), "o-", label="held-out loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats / token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,406 @@
+"""Tests for gpt2_training.data.sources: every source kind, resuming, format equivalence, huge and broken input.
+
+All data is written to tmp_path and read through the real libraries (pyarrow, datasets streaming, deeplake 4);
+the Hub and Activeloop cases check that an unreachable name fails fast with a useful message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import tracemalloc
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from gpt2_training.data.sources import (
+    DEEPLAKE_CHUNK_ROWS,
+    OPENWEBTEXT_HUB_NAME,
+    BuiltinSource,
+    DocumentSource,
+    Piece,
+    open_source,
+)
+from gpt2_training.errors import DataError
+
+DOCS = [
+    "First document.\nIt has two lines.",
+    "Ünïcödé — 日本語 text with emoji 🙂",
+    "",
+    "short",
+    "A longer document " * 20,
+    '{"looks": "like json"} but is text',
+    "tail",
+]
+
+
+def collect(source: DocumentSource, epoch: int = 0, position=None) -> list[Piece]:
+    return list(source.pieces(epoch, position))
+
+
+def documents(pieces: list[Piece]) -> list[str]:
+    """Join pieces back into documents, checking that only document ends carry last=True."""
+    docs, current = [], []
+    for piece in pieces:
+        current.append(piece.text)
+        if piece.last:
+            docs.append("".join(current))
+            current = []
+    assert not current, "the final piece must end its document"
+    return docs
+
+
+def write_jsonl(path: Path, docs: list[str], field: str = "text") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        "".join(json.dumps({field: d, "id": i}) + "\n" for i, d in enumerate(docs)), encoding="utf-8"
+    )
+    return path
+
+
+def write_parquet(path: Path, docs: list[str], row_group_size: int = 3) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(
+        pa.table({"text": docs, "id": list(range(len(docs)))}), path, row_group_size=row_group_size
+    )
+    return path
+
+
+def write_deeplake(path: Path, docs: list[str]) -> Path:
+    import deeplake
+
+    ds = deeplake.create(f"file://{path}")
+    ds.add_column("text", deeplake.types.Text())
+    ds.add_column("id", deeplake.types.Int64())
+    ds.append({"text": docs, "id": list(range(len(docs)))})
+    ds.commit()
+    return path
+
+
+def split_in_three(docs: list[str]) -> list[list[str]]:
+    return [docs[:3], docs[3:5], docs[5:]]
+
+
+@pytest.fixture
+def jsonl_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "jsonl"
+    for i, part in enumerate(split_in_three(DOCS)):
+        write_jsonl(folder / f"part{i}.jsonl", part)
+    return folder
+
+
+@pytest.fixture
+def parquet_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "parquet"
+    for i, part in enumerate(split_in_three(DOCS)):
+        write_parquet(folder / f"part{i}.parquet", part, row_group_size=2)
+    return folder
+
+
+@pytest.fixture
+def deeplake_path(tmp_path: Path) -> Path:
+    return write_deeplake(tmp_path / "lake", DOCS)
+
+
+# ---------------------------------------------------------------- local formats
+
+
+def test_txt_file_mode_one_document_per_file(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "b.txt").write_text("bee\n\nsecond paragraph\n", encoding="utf-8")
+    (tmp_path / "a.txt").write_text("ay", encoding="utf-8")
+    (tmp_path / "sub" / "c.txt").write_text("sea\r\n", encoding="utf-8")
+    (tmp_path / "notes.md").write_text("ignored", encoding="utf-8")
+    source = open_source(str(tmp_path), shuffle=False)
+    assert documents(collect(source)) == ["ay", "bee\n\nsecond paragraph\n", "sea\r\n"]
+    assert source.stats["documents_read"] == 3
+    assert "3 .txt files" in source.description
+
+
+def test_txt_paragraph_mode(tmp_path: Path) -> None:
+    path = tmp_path / "p.txt"
+    path.write_text("\n\none\nstill one\n\n  \n\ntwo\n\n\nthree", encoding="utf-8")
+    source = open_source(str(path), txt_mode="paragraph", shuffle=False)
+    assert documents(collect(source)) == ["one\nstill one", "two", "three"]
+
+
+def test_jsonl_json_and_parquet_give_the_documents(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "d.jsonl", DOCS)
+    (tmp_path / "list.json").write_text(json.dumps([{"text": d} for d in DOCS]), encoding="utf-8")
+    (tmp_path / "lines.json").write_text("\n".join(json.dumps({"text": d}) for d in DOCS) + "\n\n", "utf-8")
+    write_parquet(tmp_path / "d.parquet", DOCS)
+    for name in ("d.jsonl", "list.json", "lines.json", "d.parquet"):
+        assert documents(collect(open_source(str(tmp_path / name), shuffle=False))) == DOCS, name
+
+
+def test_other_text_field(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "d.jsonl", ["x", "y"], field="content")
+    assert documents(collect(open_source(str(tmp_path / "d.jsonl"), text_field="content"))) == ["x", "y"]
+
+
+def test_folders_recurse_and_globs_select(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "z" / "deep" / "a.jsonl", ["deep"])
+    write_jsonl(tmp_path / "b.jsonl", ["top"])
+    write_parquet(tmp_path / "c.parquet", ["pq"])
+    (tmp_path / "d.txt").write_text("txt", encoding="utf-8")
+    assert documents(collect(open_source(str(tmp_path), shuffle=False))) == ["top", "pq", "txt", "deep"]
+    assert documents(collect(open_source(str(tmp_path / "*.jsonl"), shuffle=False))) == ["top"]
+    assert documents(collect(open_source(str(tmp_path / "**" / "*.jsonl"), shuffle=False))) == ["top", "deep"]
+    assert documents(collect(open_source(f"file://{tmp_path / 'c.parquet'}"))) == ["pq"]
+
+
+def test_builtin_corpus_opens() -> None:
+    from gpt2_training.data.corpus import builtin_documents
+
+    source = open_source("builtin", shuffle=False, max_piece_chars=50)
+    first = next(source.pieces())
+    assert first.text == builtin_documents()[0][:50]
+    assert first.position in ([0, 1, 0], [0, 0, 50])
+
+
+# ---------------------------------------------------------------- resume and order
+
+
+def _sources_for_resume(tmp_path: Path, kind: str) -> DocumentSource:
+    """A multi-shard source of each kind, with small pieces so resuming inside a document is exercised."""
+    docs = [f"document {i} " + "xyz" * (i % 7) for i in range(40)]
+    opts = {"max_piece_chars": 8, "seed": 3}
+    if kind == "jsonl":
+        for i in range(4):
+            write_jsonl(tmp_path / f"{i}.jsonl", docs[i * 10 : (i + 1) * 10])
+        return open_source(str(tmp_path), **opts)
+    if kind == "json-list":
+        for i in range(4):
+            (tmp_path / f"{i}.json").write_text(json.dumps([{"text": d} for d in docs[i::4]]), "utf-8")
+        return open_source(str(tmp_path), **opts)
+    if kind == "txt-file":
+        for i in range(5):
+            (tmp_path / f"{i}.txt").write_text("".join(docs[i::5]), "utf-8")
+        return open_source(str(tmp_path), **opts)
+    if kind == "txt-paragraph":
+        for i in range(3):
+            (tmp_path / f"{i}.txt").write_text("\n\n".join(docs[i::3]), "utf-8")
+        return open_source(str(tmp_path), txt_mode="paragraph", **opts)
+    if kind == "parquet":
+        for i in range(3):
+            write_parquet(tmp_path / f"{i}.parquet", docs[i::3], row_group_size=4)
+        return open_source(str(tmp_path), **opts)
+    if kind == "hf-json":
+        for i in range(4):
+            write_jsonl(tmp_path / f"{i}.jsonl", docs[i::4])
+        return open_source(f"hf-json:{tmp_path}", **opts)
+    if kind == "deeplake":
+        rows = [f"row {i}" for i in range(DEEPLAKE_CHUNK_ROWS * 2 + 100)]
+        return open_source(f"deeplake:{write_deeplake(tmp_path / 'lake', rows)}", **opts)
+    return BuiltinSource(docs, shuffle=True, seed=3, max_piece_chars=8)
+
+
+RESUME_KINDS = [
+    "jsonl",
+    "json-list",
+    "txt-file",
+    "txt-paragraph",
+    "parquet",
+    "hf-json",
+    "deeplake",
+    "builtin",
+]
+
+
+@pytest.mark.parametrize("kind", RESUME_KINDS)
+def test_resume_from_any_position_yields_exactly_the_rest(tmp_path: Path, kind: str) -> None:
+    source = _sources_for_resume(tmp_path, kind)
+    full = collect(source, epoch=1)
+    assert len(full) > 20
+    assert json.loads(json.dumps([p.position for p in full])) == [p.position for p in full]
+    step = max(1, len(full) // 9)
+    for i in [0, 1, 2, *range(3, len(full), step), len(full) - 2, len(full) - 1]:
+        position = json.loads(json.dumps(full[i].position))  # as if read back from a checkpoint
+        assert collect(source, epoch=1, position=position) == full[i + 1 :], (kind, i)
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "parquet", "hf-json", "deeplake", "builtin"])
+def test_shuffle_depends_on_seed_and_epoch_only(tmp_path: Path, kind: str) -> None:
+    source = _sources_for_resume(tmp_path, kind)
+    epoch0 = documents(collect(source, 0))
+    assert documents(collect(source, 0)) == epoch0
+    epoch1 = documents(collect(source, 1))
+    assert epoch1 != epoch0 and Counter(epoch1) == Counter(epoch0)
+    assert source.shard_order(0) != source.shard_order(1)
+
+
+def test_documents_within_a_file_keep_their_order(tmp_path: Path) -> None:
+    for i in range(6):
+        write_jsonl(tmp_path / f"{i}.jsonl", [f"{i}-{j}" for j in range(5)])
+    source = open_source(str(tmp_path), seed=11)
+    docs = documents(collect(source, 2))
+    for i in range(6):
+        assert [d for d in docs if d.startswith(f"{i}-")] == [f"{i}-{j}" for j in range(5)]
+
+
+def test_invalid_position_is_a_clear_error(jsonl_folder: Path) -> None:
+    source = open_source(str(jsonl_folder))
+    with pytest.raises(DataError, match="position"):
+        next(source.pieces(0, [99, 0, 0]))
+    with pytest.raises(DataError, match="position"):
+        next(source.pieces(0, "start"))
+
+
+# ---------------------------------------------------------------- same documents, any format
+
+
+def test_all_formats_give_the_same_documents(
+    jsonl_folder: Path, parquet_folder: Path, deeplake_path: Path
+) -> None:
+    specs = [
+        str(jsonl_folder),
+        str(parquet_folder),
+        f"hf-json:{jsonl_folder}",
+        f"hf-parquet:{parquet_folder}",
+        str(deeplake_path),
+        f"deeplake:{deeplake_path}",
+        f"file://{deeplake_path}",
+    ]
+    ordered = {
+        s: [(p.text, p.last) for p in collect(open_source(s, shuffle=False, max_piece_chars=16))]
+        for s in specs
+    }
+    for spec in specs:
+        assert ordered[spec] == ordered[specs[0]], spec
+    assert documents([Piece(t, None, last) for t, last in ordered[specs[0]]]) == DOCS
+    for spec in specs:
+        shuffled = documents(collect(open_source(spec, shuffle=True, seed=5), epoch=3))
+        assert Counter(shuffled) == Counter(DOCS), spec
+
+
+def test_hf_text_streaming_matches_local_txt(tmp_path: Path) -> None:
+    for name, text in [("a.txt", "alpha\nbeta"), ("b.txt", "gamma")]:
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    local = documents(collect(open_source(str(tmp_path), shuffle=False)))
+    assert (
+        documents(collect(open_source(f"hf-text:{tmp_path}", shuffle=False)))
+        == local
+        == ["alpha\nbeta", "gamma"]
+    )
+
+
+# ---------------------------------------------------------------- huge and broken input
+
+
+def test_huge_document_is_split_with_only_the_last_piece_flagged(tmp_path: Path) -> None:
+    big = "".join(chr(0x41 + i % 26) for i in range(250_000))
+    write_jsonl(tmp_path / "d.jsonl", ["small", big, "after"])
+    pieces = collect(open_source(str(tmp_path / "d.jsonl"), max_piece_chars=100_000, shuffle=False))
+    assert [len(p.text) for p in pieces] == [5, 100_000, 100_000, 50_000, 5]
+    assert [p.last for p in pieces] == [True, False, False, True, True]
+    assert documents(pieces) == ["small", big, "after"]
+
+
+def test_huge_txt_file_is_read_incrementally(tmp_path: Path) -> None:
+    # Multi-byte characters make block boundaries fall inside characters.
+    unit = "plain ascii, é accents, 日本語, 🙂 emoji\n"
+    text = unit * (5_000_000 // len(unit.encode()))
+    path = tmp_path / "huge.txt"
+    path.write_text(text, encoding="utf-8")
+    source = open_source(str(path), max_piece_chars=100_000)
+    digest, count, lasts, longest = hashlib.sha256(), 0, [], 0
+    tracemalloc.start()
+    for piece in source.pieces():
+        digest.update(piece.text.encode())
+        count, longest = count + 1, max(longest, len(piece.text))
+        lasts.append(piece.last)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert digest.hexdigest() == hashlib.sha256(text.encode()).hexdigest()
+    assert longest <= 100_000 and count >= 50
+    assert lasts == [False] * (count - 1) + [True]
+    assert peak < 2_000_000, f"peak {peak} bytes: the 5 MB file must not be held in memory"
+    assert source.stats["replaced_characters"] == 0
+
+
+def test_non_utf8_bytes_are_replaced_counted_and_reported(tmp_path: Path) -> None:
+    bad_txt = tmp_path / "bad.txt"
+    data = b"good \xef\xbf\xbd start \xff\xfe middle \xc3 end"
+    bad_txt.write_bytes(data)
+    first_bad = data.index(b"\xff")
+    with pytest.warns(UnicodeWarning, match=rf"bad\.txt.*byte offset {first_bad}\b"):
+        source = open_source(str(bad_txt))
+        (text,) = documents(collect(source))
+    assert text == "good \ufffd start \ufffd\ufffd middle \ufffd end"
+    assert source.stats["replaced_characters"] == 3  # the valid U+FFFD in the file is not counted
+
+    bad_jsonl = tmp_path / "bad.jsonl"
+    data = b'{"text": "ok"}\n{"text": "caf\xe9"}\n'
+    bad_jsonl.write_bytes(data)
+    first_bad = data.index(b"\xe9")
+    with pytest.warns(UnicodeWarning, match=rf"bad\.jsonl.*byte offset {first_bad}\b"):
+        source = open_source(str(bad_jsonl), shuffle=False)
+        assert documents(collect(source)) == ["ok", "caf\ufffd"]
+    assert source.stats["replaced_characters"] == 1
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_missing_path(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="no such file or folder"):
+        open_source(str(tmp_path / "nope"))
+    with pytest.raises(DataError, match="no files match"):
+        open_source(str(tmp_path / "*.jsonl"))
+
+
+def test_empty_folder_lists_supported_suffixes(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"\.txt, \.jsonl, \.json, \.parquet"):
+        open_source(str(tmp_path))
+    (tmp_path / "readme.md").write_text("not data", encoding="utf-8")
+    with pytest.raises(DataError, match="supported suffixes"):
+        open_source(str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "name,content", [("e.jsonl", ""), ("e.txt", ""), ("blank.jsonl", "\n\n"), ("e.json", "[]")]
+)
+def test_empty_file(tmp_path: Path, name: str, content: str) -> None:
+    (tmp_path / name).write_text(content, encoding="utf-8")
+    with pytest.raises(DataError, match="no documents"):
+        open_source(str(tmp_path / name))
+
+
+def test_wrong_text_field_lists_available_fields(tmp_path: Path, deeplake_path: Path) -> None:
+    write_jsonl(tmp_path / "d.jsonl", ["x"])
+    write_parquet(tmp_path / "d.parquet", ["x"])
+    for spec in (
+        str(tmp_path / "d.jsonl"),
+        str(tmp_path / "d.parquet"),
+        f"hf-json:{tmp_path / 'd.jsonl'}",
+        f"hf-parquet:{tmp_path / 'd.parquet'}",
+        str(deeplake_path),
+    ):
+        with pytest.raises(DataError, match=r"no text field 'body'; available fields: (text, id|id, text)"):
+            open_source(spec, text_field="body")
+
+
+def test_hub_dataset_offline_fails_fast() -> None:
+    for spec, name in [
+        ("hf:some/unknown-dataset", "some/unknown-dataset"),
+        ("openwebtext", OPENWEBTEXT_HUB_NAME),
+    ]:
+        start = time.monotonic()
+        with pytest.raises(DataError, match=name) as caught:
+            open_source(spec)
+        assert time.monotonic() - start < 10
+        assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("spec", ["al://org/missing", "hub://activeloop/openwebtext"])
+def test_activeloop_dataset_offline_fails_fast(spec: str) -> None:
+    start = time.monotonic()
+    with pytest.raises(DataError, match="could not reach or find DeepLake dataset") as caught:
+        open_source(spec)
+    assert time.monotonic() - start < 10
+    message = str(caught.value)
+    assert "ACTIVELOOP_TOKEN" in message and "deeplake.convert" in message and "\n" not in message
