@@ -30,6 +30,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, gather_object
 from safetensors.torch import load_file
+from transformers.utils import logging as hf_logging
 
 from . import checkpoint as ckpt
 from .config import Config, model_shape, validate
@@ -40,6 +41,8 @@ from .model import CausalLMWithLoss, build_model, chunked_cross_entropy
 from .optim import build_optimizer, build_scheduler
 from .precision import bf16_supported, resolve_precision
 from .reporting import Reporter, plot_loss_curve
+
+hf_logging.disable_progress_bar()  # per-save "Writing model shards" bars drown the training log
 
 EXIT_CODES = {signal.SIGTERM: 128 + signal.SIGTERM, signal.SIGINT: 128 + signal.SIGINT}
 
@@ -187,7 +190,8 @@ class Engine:
         cfg, t = self.cfg, self.cfg.train
         self.resume_path = self._prepare_output_dir()
         self._seed(t.seed)
-        self.tokenizer = resolve_tokenizer(cfg.data, seed=t.seed)
+        with self.acc.main_process_first():  # one process builds the corpus/tokenizer caches, the others reuse
+            self.tokenizer = resolve_tokenizer(cfg.data, seed=t.seed)
         vocab = len(self.tokenizer)
         self.lm = build_model(cfg.model, vocab, self.tokenizer.eos_token_id)
         if self.lm.config.vocab_size < vocab:

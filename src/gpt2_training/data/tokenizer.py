@@ -40,8 +40,10 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Pa
     out = Path(out_dir)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     fast.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)  # atomic: a cache entry is complete or absent
+    try:
+        os.replace(tmp, out)  # atomic: a cache entry is complete or absent
+    except OSError:  # another process finished the same tokenizer first: theirs is identical, keep it
+        shutil.rmtree(tmp, ignore_errors=True)
     return fast
 
 
