@@ -90,14 +90,15 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         n = hidden.shape[0]
         h = hidden.to(compute_dtype)
         w = weight.to(compute_dtype)
+        acc = torch.promote_types(compute_dtype, torch.float32)  # softmax in fp32 at least (fp64 stays fp64)
         need_grad = hidden.requires_grad or weight.requires_grad
         grad_h = torch.empty_like(h) if need_grad else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_grad else None
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_grad else None
+        total = torch.zeros((), dtype=acc, device=hidden.device)
         for start in range(0, n, chunk_size):
             h_c = h[start : start + chunk_size]
             t_c = targets[start : start + chunk_size]
-            logits = (h_c @ w.t()).float()
+            logits = (h_c @ w.t()).to(acc)
             lse = torch.logsumexp(logits, dim=-1)
             total += (lse - logits.gather(1, t_c[:, None]).squeeze(1)).sum()
             if need_grad:
@@ -106,7 +107,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 probs /= n
                 g = probs.to(compute_dtype)
                 grad_h[start : start + chunk_size] = g @ w
-                grad_w += (g.t() @ h_c).float()
+                grad_w += (g.t() @ h_c).to(acc)
         if need_grad:
             ctx.save_for_backward(grad_h.to(hidden.dtype), grad_w.to(weight.dtype))
         return total / n

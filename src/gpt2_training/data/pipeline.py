@@ -72,6 +72,7 @@ class TokenStream:
         rank: int = 0,
         world_size: int = 1,
         loop: bool = True,
+        read_chars: int = READ_BATCH_CHARS,
     ):
         if split not in ("train", "validation"):
             raise ValueError(f"split must be 'train' or 'validation', not {split!r}")
@@ -81,6 +82,7 @@ class TokenStream:
             shuffle_buffer, seed, rank, world_size, loop,
         )
         self.eos = tokenizer.eos_token_id
+        self.read_chars = read_chars
         self.counters = StreamStats()
         self.cursor = _Cursor()
         self.carry: list[int] = []
@@ -115,7 +117,7 @@ class TokenStream:
         """Read and tokenize one batch of pieces into `ready` sequences; False at the end of an epoch."""
         texts, ends = [], []
         chars = 0
-        while chars < READ_BATCH_CHARS:
+        while chars < self.read_chars:
             piece = self._next_piece()
             if piece is None:
                 break

@@ -1,0 +1,76 @@
+"""Settings: presets match GPT-2's published sizes, every problem is reported at once, the CLI parses files."""
+
+import pytest
+from transformers import GPT2LMHeadModel
+
+from gpt2_training.cli import parse_config
+from gpt2_training.config import PRESETS, ModelArguments, validate
+from gpt2_training.errors import ConfigError
+from gpt2_training.model import count_parameters, gpt2_config
+
+# Parameter counts of OpenAI's released checkpoints as loaded by transformers (vocabulary 50257, tied head).
+PUBLISHED = {"gpt2-small": 124_439_808, "gpt2-medium": 354_823_168, "gpt2-large": 774_030_080,
+             "gpt2-xl": 1_557_611_200}
+
+
+@pytest.mark.parametrize("preset", sorted(PUBLISHED))
+def test_preset_sizes_match_published_gpt2(preset):
+    cfg = gpt2_config(ModelArguments(preset=preset, pad_vocab_to_multiple_of=1), 50257, 50256)
+    assert count_parameters(cfg) == PUBLISHED[preset]
+
+
+def test_analytic_count_equals_instantiated_model():
+    cfg = gpt2_config(ModelArguments(preset="tiny"), 1000, 999)
+    model = GPT2LMHeadModel(cfg)
+    assert count_parameters(cfg) == sum(p.numel() for p in model.parameters())
+    assert cfg.vocab_size == 1024  # padded to a multiple of 64
+
+
+def test_every_preset_builds_a_valid_config():
+    for name in PRESETS:
+        cfg = parse_config(["--preset", name, "--block_size", "64"])
+        validate(cfg, cuda_available=False, bf16_ok=False)
+
+
+def test_all_problems_reported_at_once():
+    cfg = parse_config(["--preset", "nope", "--n_embd", "100", "--n_head", "3", "--block_size", "4096",
+                        "--gradient_accumulation_steps", "0", "--precision", "fp16"])
+    with pytest.raises(ConfigError) as err:
+        validate(cfg, cuda_available=False, bf16_ok=False)
+    text = str(err.value)
+    for fragment in ("unknown preset", "not divisible by n_head", "exceeds n_positions",
+                     "gradient_accumulation_steps", "fp16 needs a CUDA GPU"):
+        assert fragment in text, fragment
+    assert len(err.value.problems) == 5
+
+
+def test_divisibility_error_suggests_a_valid_head_count():
+    cfg = parse_config(["--n_embd", "96", "--n_head", "5"])
+    with pytest.raises(ConfigError, match="pick e.g. n_head=4"):
+        validate(cfg, cuda_available=False, bf16_ok=False)
+
+
+def test_config_file_then_flags_override(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("preset: tiny\nblock_size: 32\nmax_steps: 7\nlearning_rate: 0.01\n")
+    cfg = parse_config(["--config", str(f), "--max_steps", "9"])
+    assert (cfg.data.block_size, cfg.train.max_steps, cfg.train.learning_rate) == (32, 9, 0.01)
+    assert cfg.train.lr_scheduler_type == "cosine"  # our default, under Hugging Face's name
+
+
+def test_unknown_setting_in_file_is_refused(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("n_layers: 3\n")
+    with pytest.raises(ConfigError, match="unknown setting.*n_layers"):
+        parse_config(["--config", str(f)])
+
+
+def test_tokens_are_refused_but_tokenizer_flags_are_not():
+    with pytest.raises(ConfigError, match="environment"):
+        parse_config(["--hub_token", "abc"])
+    assert parse_config(["--tokenizer_vocab_size", "512"]).data.tokenizer_vocab_size == 512
+
+
+def test_to_dict_has_no_token_fields():
+    d = parse_config([]).to_dict()
+    assert "hub_token" not in d and d["per_device_train_batch_size"] == 16

@@ -1,0 +1,213 @@
+"""The pipeline from documents to sequences: packing loses nothing, the split is stable and disjoint, ranks
+read disjoint documents, the same documents give the same tokens through every source kind, and a stream
+resumes exactly from its saved state."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gpt2_training.data.pipeline import TokenStream, is_validation
+from gpt2_training.data.shards import ShardStream, prepare_shards
+from gpt2_training.data.sources import open_source
+from gpt2_training.data.tokenizer import train_bpe_tokenizer
+from gpt2_training.errors import DataError
+
+DOCS = [f"Document {i}: " + " ".join(f"word{(i * 7 + j) % 53}" for j in range(5 + i % 17)) for i in range(120)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return train_bpe_tokenizer(DOCS, 300, tmp_path_factory.mktemp("tok") / "bpe")
+
+
+@pytest.fixture()
+def jsonl(tmp_path) -> Path:
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for part in range(3):  # several files, so shard-order shuffling has something to shuffle
+        rows = DOCS[part * 40 : (part + 1) * 40]
+        (folder / f"part{part}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in rows))
+    return folder
+
+
+def stream(source, tokenizer, **kw) -> TokenStream:
+    kw.setdefault("block_size", 16)
+    return TokenStream(source, tokenizer, kw.pop("block_size"), **kw)
+
+
+def expected_tokens(tokenizer, docs):
+    out = []
+    for d in docs:
+        out += tokenizer(d, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return out
+
+
+def test_packing_keeps_every_token_in_order(jsonl, tokenizer):
+    src = open_source(str(jsonl), shuffle=False)
+    s = stream(src, tokenizer, split="train", validation_per_mille=0, loop=False)
+    packed = np.concatenate(list(s)).tolist()
+    want = expected_tokens(tokenizer, DOCS)
+    assert packed == want[: len(packed)]
+    assert len(want) - len(packed) < 16  # only the final partial block waits
+    stats = s.stats
+    assert stats["tokens"] == len(want) and stats["tokens_packed"] + stats["tokens_waiting"] == len(want)
+    assert stats["documents"] == len(DOCS)
+
+
+def test_split_is_stable_and_disjoint(jsonl, tokenizer):
+    train = [d for d in DOCS if not is_validation(d, 200)]
+    val = [d for d in DOCS if is_validation(d, 200)]
+    assert 0 < len(val) < len(DOCS) and set(train).isdisjoint(val)
+    assert val == [d for d in DOCS if is_validation(d, 200)]  # stable
+    for split, docs in (("train", train), ("validation", val)):
+        s = stream(open_source(str(jsonl), shuffle=False), tokenizer, split=split, validation_per_mille=200,
+                   loop=False, block_size=8)
+        packed = np.concatenate(list(s)).tolist()
+        assert packed == expected_tokens(tokenizer, docs)[: len(packed)]
+
+
+def test_two_ranks_read_disjoint_documents_and_tokenize_only_their_own(jsonl, tokenizer):
+    seen: dict[int, list[str]] = {0: [], 1: []}
+
+    class Recording:
+        """The real tokenizer, recording which texts each rank asks it to encode."""
+
+        def __init__(self, rank):
+            self.rank = rank
+
+        def __call__(self, texts, **kw):
+            seen[self.rank].extend(texts)
+            return tokenizer(texts, **kw)
+
+        def __len__(self):
+            return len(tokenizer)
+
+        eos_token_id = tokenizer.eos_token_id
+
+    for rank in (0, 1):
+        s = stream(open_source(str(jsonl), shuffle=False), Recording(rank), validation_per_mille=0,
+                   rank=rank, world_size=2, loop=False, block_size=8)
+        list(s)
+    assert set(seen[0]).isdisjoint(seen[1])
+    assert sorted(seen[0] + seen[1]) == sorted(DOCS)
+    assert abs(len(seen[0]) - len(seen[1])) <= 1
+
+
+def write_deeplake(path: Path, docs: list[str]) -> Path:
+    import deeplake
+
+    ds = deeplake.create(f"file://{path}")
+    ds.add_column("text", deeplake.types.Text())
+    ds.append({"text": docs})
+    ds.commit()
+    return path
+
+
+def test_same_documents_give_the_same_tokens_through_files_deeplake_and_hf_datasets(jsonl, tmp_path, tokenizer):
+    lake = write_deeplake(tmp_path / "lake", DOCS)
+    single = tmp_path / "all.jsonl"
+    single.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
+    streams = {
+        "local": open_source(str(single), shuffle=False),
+        "deeplake": open_source(f"deeplake:{lake}", shuffle=False),
+        "hf-datasets": open_source(f"hf-json:{single}", shuffle=False),
+    }
+    tokens = {
+        name: np.concatenate(list(stream(src, tokenizer, validation_per_mille=100, loop=False))).tolist()
+        for name, src in streams.items()
+    }
+    assert tokens["local"] == tokens["deeplake"] == tokens["hf-datasets"]
+    assert len(tokens["local"]) > 1000
+
+
+def roundtrip(state):
+    meta, arrays = state
+    return json.loads(json.dumps(meta)), {k: v.copy() for k, v in arrays.items()}
+
+
+@pytest.mark.parametrize("shuffle_buffer", [0, 7])
+def test_token_stream_resumes_exactly(jsonl, tokenizer, shuffle_buffer):
+    def make():
+        return stream(open_source(str(jsonl), shuffle=True, seed=3), tokenizer, shuffle_buffer=shuffle_buffer,
+                      seed=3, validation_per_mille=100, read_chars=300)
+
+    straight = make()
+    reference = [next(straight).tolist() for _ in range(400)]  # several epochs of this small corpus
+    for k in (0, 1, 37, 150, 333):
+        s = make()
+        for _ in range(k):
+            next(s)
+        saved = roundtrip(s.state_dict())
+        resumed = make()
+        resumed.load_state_dict(*saved)
+        assert [next(resumed).tolist() for _ in range(400 - k)] == reference[k:], k
+
+
+def test_epochs_reshuffle_but_replay_identically(jsonl, tokenizer):
+    a = stream(open_source(str(jsonl), shuffle=True, seed=1), tokenizer, shuffle_buffer=5, seed=1)
+    b = stream(open_source(str(jsonl), shuffle=True, seed=1), tokenizer, shuffle_buffer=5, seed=1)
+    c = stream(open_source(str(jsonl), shuffle=True, seed=2), tokenizer, shuffle_buffer=5, seed=2)
+    first = [next(a).tolist() for _ in range(60)]
+    assert first == [next(b).tolist() for _ in range(60)]
+    assert first != [next(c).tolist() for _ in range(60)]
+
+
+def test_resume_fails_when_the_data_shrank(jsonl, tokenizer):
+    s = stream(open_source(str(jsonl), shuffle=False), tokenizer, validation_per_mille=0, read_chars=100)
+    for _ in range(5):
+        next(s)
+    saved = roundtrip(s.state_dict())
+    for f in sorted(jsonl.iterdir())[1:]:
+        f.unlink()
+    first = sorted(jsonl.iterdir())[0]
+    first.write_text(first.read_text().splitlines(keepends=True)[0])  # the saved position is now past the end
+    resumed = stream(open_source(str(jsonl), shuffle=False), tokenizer, validation_per_mille=0, read_chars=100)
+    resumed.load_state_dict(*saved)
+    with pytest.raises(DataError, match="ran out while resuming"):
+        for _ in range(100):  # sequences already packed before the checkpoint come first
+            next(resumed)
+
+
+def test_corpus_smaller_than_one_block_says_how_many_tokens(tmp_path, tokenizer):
+    f = tmp_path / "tiny.txt"
+    f.write_text("just a few words")
+    s = stream(open_source(str(f)), tokenizer, block_size=512, validation_per_mille=0)
+    with pytest.raises(DataError, match=r"has \d+ train tokens .* block_size=512"):
+        next(s)
+
+
+def test_shards_hold_exactly_the_tokens_and_resume_in_o1(jsonl, tmp_path, tokenizer):
+    meta = prepare_shards(open_source(str(jsonl), shuffle=False), tokenizer, tmp_path / "shards",
+                          validation_per_mille=100, shard_tokens=500, progress=False)
+    assert meta["dtype"] == "uint16" and len(meta["shards"]["train"]) > 1
+    on_disk = np.concatenate([np.fromfile(tmp_path / "shards" / f["file"], dtype=np.uint16)
+                              for f in meta["shards"]["train"]]).tolist()
+    train_docs = [d for d in DOCS if not is_validation(d, 100)]
+    assert on_disk == expected_tokens(tokenizer, train_docs)
+    assert meta["tokens"]["train"] == len(on_disk)
+
+    def make(rank=0, world=1):
+        return ShardStream(tmp_path / "shards", "train", 16, seed=5, rank=rank, world_size=world)
+
+    straight = make()
+    reference = [next(straight).tolist() for _ in range(300)]
+    s = make()
+    for _ in range(123):
+        next(s)
+    resumed = make()
+    resumed.load_state_dict(*roundtrip(s.state_dict()))
+    assert [next(resumed).tolist() for _ in range(177)] == reference[123:]
+    r0, r1 = make(0, 2), make(1, 2)
+    w0 = {tuple(next(r0).tolist()) for _ in range(20)}
+    w1 = {tuple(next(r1).tolist()) for _ in range(20)}
+    assert w0.isdisjoint(w1)
+
+
+def test_prepare_refuses_to_overwrite(jsonl, tmp_path, tokenizer):
+    prepare_shards(open_source(str(jsonl)), tokenizer, tmp_path / "s", progress=False)
+    with pytest.raises(DataError, match="already holds"):
+        prepare_shards(open_source(str(jsonl)), tokenizer, tmp_path / "s", progress=False)
