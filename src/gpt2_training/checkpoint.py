@@ -27,6 +27,7 @@ import torch
 from .errors import CheckpointError
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+_TMP_NAME = re.compile(r"^\.(checkpoint-\d+)\.tmp$")
 
 
 def _sha256(path: Path) -> str:
@@ -99,15 +100,15 @@ def save_checkpoint(output_dir: str | Path, step: int, write_files: Any, save_to
         with open(manifest, "rb") as fh:
             os.fsync(fh.fileno())
         _fsync_dir(tmp)
-        if final.exists():  # the same step saved again (e.g. on a signal right after a periodic save)
-            _remove(final)
+        if final.exists():  # the same step saved again (e.g. after skipped non-finite steps moved the data on);
+            _remove(final)  # dying before the rename below leaves a complete tmp folder: cleanup_partial renames it
         os.replace(tmp, final)
         _fsync_dir(out)
-    except OSError as exc:
+    except Exception as exc:  # whatever failed (OSError, torch's RuntimeError, SafetensorError), clean up the same way
         shutil.rmtree(tmp, ignore_errors=True)
         previous = latest_checkpoint(out)
         kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
-        reason = "the disk is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else str(exc)
+        reason = "the disk is full" if _disk_full(exc) else f"{type(exc).__name__}: {exc}"
         raise CheckpointError(
             f"could not write checkpoint {final} ({reason}); {kept}. Free space (or point --output_dir at a "
             "bigger disk) and run the same command again to resume"
@@ -116,6 +117,22 @@ def save_checkpoint(output_dir: str | Path, step: int, write_files: Any, save_to
         for old in list_checkpoints(out)[:-save_total_limit]:
             _remove(old)
     return final
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _disk_full(exc: BaseException | None) -> bool:
+    """True when `exc` (or an exception it was raised from) is a write failing for lack of space or a file-size
+    limit. Rust writers (safetensors) only put the OS error number in their message: "... (os error 28)"."""
+    while exc is not None:
+        if getattr(exc, "errno", None) in _DISK_FULL:
+            return True
+        m = re.search(r"os error (\d+)", str(exc))
+        if m and int(m.group(1)) in _DISK_FULL:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _remove(path: Path) -> None:
@@ -127,16 +144,51 @@ def _remove(path: Path) -> None:
 
 
 def cleanup_partial(output_dir: str | Path) -> None:
-    """Remove temporary folders left by a run killed mid-save or mid-rotation."""
+    """Finish or undo what a run killed mid-save or mid-rotation left behind.
+
+    A `.checkpoint-<step>.tmp` folder whose manifest verifies was complete: the process died between removing an
+    older save of the same step and renaming this one into place (see save_checkpoint), and with
+    save_total_limit=1 it may be the only copy of the run, so it is renamed into place rather than deleted.
+    Everything else temporary (incomplete saves, half-deleted checkpoints, an unfinished final model) goes."""
     out = Path(output_dir)
-    if out.is_dir():
-        for p in out.iterdir():
-            if p.name.startswith((".checkpoint-", ".deleting-", ".final.")):
-                shutil.rmtree(p, ignore_errors=True)
+    if not out.is_dir():
+        return
+    for p in sorted(out.iterdir()):
+        m = _TMP_NAME.match(p.name)
+        if m and not (out / m.group(1)).exists() and verify(p) is None:
+            os.replace(p, out / m.group(1))
+            _fsync_dir(out)
+        elif p.name.startswith((".checkpoint-", ".deleting-", ".final.")):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+class _WriteRecorder:
+    """A file wrapper that remembers the OSError of a failed write: torch's C++ writer turns it into an opaque
+    RuntimeError ("unexpected pos ..."), which would hide that the disk is full."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 def torch_save(obj: Any, path: Path) -> None:
-    torch.save(obj, path)
+    with open(path, "wb") as f:
+        recorder = _WriteRecorder(f)
+        try:
+            torch.save(obj, recorder)
+        except RuntimeError:
+            if recorder.error is not None:
+                raise recorder.error from None
+            raise
 
 
 def torch_load(path: Path) -> Any:

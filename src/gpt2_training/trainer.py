@@ -36,6 +36,7 @@ from . import checkpoint as ckpt
 from .config import Config, model_shape, validate
 from .data import resolve_tokenizer, train_stream, validation_sequences
 from .errors import CheckpointError, ConfigError, TrainingStopped
+from .launch import deepspeed_config
 from .metrics import bits_per_byte, describe_mfu, flops_per_token, token_byte_lengths, unigram_byte_entropy
 from .model import CausalLMWithLoss, build_model, chunked_cross_entropy
 from .optim import build_optimizer, build_scheduler
@@ -148,14 +149,18 @@ class Engine:
         self.precision, self.precision_reason = resolve_precision(cfg.run.precision)
         t = cfg.train
         plugin = None
-        if t.deepspeed:
+        ds_config = deepspeed_config(t)  # --deepspeed or `accelerate launch`'s DeepSpeed file, "auto" filled in
+        if ds_config is not None:
             from accelerate.utils import DeepSpeedPlugin
 
-            plugin = DeepSpeedPlugin(hf_ds_config=t.deepspeed)
+            plugin = DeepSpeedPlugin(hf_ds_config=ds_config)
+        self.ds = plugin is not None
         self.acc = Accelerator(
             mixed_precision={"fp32": "no"}.get(self.precision, self.precision),
             cpu=not cuda,
             deepspeed_plugin=plugin,
+            # DeepSpeed owns the accumulation boundary (engine.step inside backward); Accelerate must agree with it
+            gradient_accumulation_steps=t.gradient_accumulation_steps if self.ds else 1,
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
         )
         self.is_main = self.acc.is_main_process
@@ -217,6 +222,8 @@ class Engine:
         self.token_bytes = token_byte_lengths(self.tokenizer)
         self.fingerprint = _fingerprint(cfg, self.tokenizer, self.world)
         self.step, self.tokens_seen, self.skipped, self.bad_in_a_row = 0, 0, 0, 0
+        self.saved_state: tuple[int, int] | None = None  # (step, tokens_seen) of the newest checkpoint
+        self.signals = _SignalFlag()
         self.reporter = Reporter(self.out, _report_to(t.report_to), cfg.to_dict(), enabled=self.is_main)
 
     # -- checkpoints --------------------------------------------------------------------------------------------
@@ -258,7 +265,14 @@ class Engine:
 
             path = ckpt.save_checkpoint(self.out, self.step, write, self.cfg.train.save_total_limit)
         self.acc.wait_for_everyone()
+        self.saved_state = (self.step, self.tokens_seen)
         return path
+
+    def save_if_changed(self) -> None:
+        """Save unless the newest checkpoint already holds this exact state (same step and data position):
+        rewriting it would only open a window in which that step exists as a temporary folder alone."""
+        if self.saved_state != (self.step, self.tokens_seen):
+            self.save()
 
     def load(self, path: Path) -> None:
         problem = ckpt.verify(path)
@@ -285,16 +299,23 @@ class Engine:
             torch.cuda.set_rng_state_all(rng["cuda_rng"])
         random.setstate(_py_rng_from_json(rank_json["python_rng"]))
         self.step, self.tokens_seen, self.skipped = state["step"], state["tokens_seen"], state["skipped_steps"]
+        self.saved_state = (self.step, self.tokens_seen)
 
     # -- evaluation and samples ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Held-out loss, perplexity and bits per byte; each process takes its share, sums are reduced."""
+    def evaluate(self) -> dict[str, float] | None:
+        """Held-out loss, perplexity and bits per byte; each process takes its share, sums are reduced.
+        None when a SIGTERM/SIGINT arrives meanwhile: the run must save and exit within seconds, not finish a
+        long evaluation first (single process only: with several, ranks hold different numbers of batches and
+        could not agree on where to stop, so they finish the evaluation and stop at the next step)."""
         self.lm.eval()
         seqs = torch.from_numpy(self.val_seqs[self.rank :: self.world])
         sums = torch.zeros(3, dtype=torch.float64, device=self.acc.device)  # nats, tokens, bytes
         bs = self.cfg.train.per_device_eval_batch_size
         for i in range(0, len(seqs), bs):
+            if self.world == 1 and self.signals.signum is not None:
+                self.lm.train()
+                return None
             x = seqs[i : i + bs].to(self.acc.device)
             with self.acc.autocast():
                 hidden = self.lm.transformer(input_ids=x, use_cache=False).last_hidden_state
@@ -334,6 +355,13 @@ class Engine:
         return out
 
     # -- the loop -----------------------------------------------------------------------------------------------
+    def _stop_requested(self) -> bool:
+        """A SIGTERM/SIGINT has arrived (on any process: all must stop at the same step to save together)."""
+        pending = torch.tensor(float(self.signals.signum is not None), device=self.acc.device)
+        if self.world > 1:
+            pending = self.acc.reduce(pending, reduction="sum")
+        return bool(pending.item())
+
     def _next_batch(self, n: int) -> torch.Tensor:
         seqs = np.stack([next(self.train_data) for _ in range(n)]).astype(np.int64)
         return torch.from_numpy(seqs).to(self.acc.device, non_blocking=True)
@@ -382,6 +410,13 @@ class Engine:
                 loss_sum = torch.zeros((), device=self.acc.device)
                 for micro in range(A):
                     x = self._next_batch(B)
+                    if self.ds:  # the engine scales by 1/A itself and clips + steps at the accumulation boundary
+                        with self.acc.accumulate(self.model):
+                            with self.acc.autocast():
+                                loss = self.model(x)
+                            self.acc.backward(loss)
+                        loss_sum += loss.detach().float()
+                        continue
                     sync = contextlib.nullcontext() if micro == A - 1 else self.acc.no_sync(self.model)
                     with sync:
                         with self.acc.autocast():

@@ -1,0 +1,542 @@
+"""Memory planner: how many bytes one GPU needs to train a GPT-2 configuration, and the cheapest change that
+makes it fit a given GPU.
+
+    train.py plan --preset gpt2-small --micro_batch 16 --seq_len 1024 --precision bf16 --gpu_memory_gib 24
+
+What is modelled, and how (every number is derived from the code this project runs, not from a rule of thumb):
+
+* weights, gradients, optimizer states: exact. This project keeps fp32 parameters and uses autocast, so the
+  fp32 weights *are* the master copy (no separate master weights); torch AdamW holds exp_avg + exp_avg_sq
+  (2 x 4 bytes/param) and a 4-byte `step` tensor per parameter tensor; bitsandbytes 0.50 AdamW8bit holds, for a
+  tensor of >= `min_8bit_size` (4096) elements, two uint8 states (2 bytes/param) plus two fp32 absmax values per
+  block of 256 elements, and for smaller tensors two fp32 states; its two 256-entry fp32 quantisation maps are
+  shared by all tensors. Tests compare these numbers with the bytes of real tensors, byte for byte.
+* autocast weight copies: under bf16/fp16 autocast each Conv1D weight is cast once per forward and the copy is
+  saved for backward, so 2 bytes per block parameter live from the forward until that layer's backward.
+* activations: the tensors autograd saves in Hugging Face's eager GPT2Block with SDPA attention (see
+  `layer_activation_bytes_per_token`). torch.compile usually saves less (it recomputes cheap pointwise ops), so
+  for a compiled model this is an upper bound.
+* loss head: the chunked loss keeps its fp32 dL/dhidden and dL/dW_out for the backward pass and builds a few
+  [chunk, vocab] fp32 buffers at a time; 'hf' builds the full [tokens, vocab] logits in the compute dtype, an fp32
+  copy, the fp32 log-softmax and, in backward, two more fp32 [tokens, vocab] gradients.
+* workspace: a fixed allowance for cuBLAS/cuDNN workspaces plus 5% allocator fragmentation, and the CUDA
+  context (~0.5 GiB, outside `torch.cuda.max_memory_allocated`) which `fits` counts.
+
+The peak is the larger of two phases: forward/backward (weights, gradients, states, activations, loss head) and
+the optimizer step (weights, gradients, states and the foreach AdamW's temporary). Sharding (num_gpus > 1):
+ZeRO-1 shards optimizer states, ZeRO-2 also gradients, ZeRO-3 also weights (DeepSpeed's own mixed-precision
+layout: 2-byte weights and gradients, fp32 master + states in the optimizer, as in the ZeRO paper); FSDP shards
+fp32 weights, gradients and states and gathers about two layers at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import asdict, dataclass, field, replace
+
+from transformers import GPT2Config
+
+from .config import PRESETS
+from .model import count_parameters, padded_vocab_size
+
+GIB = 1 << 30
+MIB = 1 << 20
+GPT2_VOCAB = 50257
+CHUNK_SIZE = 4096  # model.chunked_cross_entropy's default
+BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes 0.50 Optimizer2State default `min_8bit_size`
+BNB_BLOCKSIZE = 256  # bitsandbytes 0.50 blockwise 8-bit states: one fp32 absmax per 256 elements
+BNB_QMAP_BYTES = 2 * 256 * 4  # qmap1 (signed dynamic map) + qmap2 (unsigned), shared by all tensors
+WORKSPACE_BYTES = 256 * MIB  # cuBLAS workspaces, cuDNN/SDPA scratch, small buffers
+FRAGMENTATION = 0.05  # caching-allocator slack on the activation-sized blocks
+CUDA_CONTEXT_BYTES = 512 * MIB  # CUDA context + kernels: outside max_memory_allocated, inside nvidia-smi
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+OPTIMIZERS = {
+    "adamw": "adamw", "adamw_torch": "adamw", "adamw_fused": "adamw_fused", "adamw_torch_fused": "adamw_fused",
+    "adamw_8bit": "adamw_8bit", "adamw_bnb_8bit": "adamw_8bit",
+}
+
+
+# -- the model's tensors ------------------------------------------------------------------------------------------
+def resolve_config(config: GPT2Config | str, vocab_size: int | None = None, pad_to: int = 64) -> GPT2Config:
+    """A GPT2Config from a preset name (GPT-2's 50257-token vocabulary padded to a multiple of 64) or as given."""
+    if isinstance(config, GPT2Config):
+        return config
+    if config not in PRESETS:
+        raise ValueError(f"unknown preset {config!r}: choose one of {', '.join(PRESETS)}")
+    return GPT2Config(vocab_size=padded_vocab_size(vocab_size or GPT2_VOCAB, pad_to), **PRESETS[config])
+
+
+def parameter_shapes(config: GPT2Config) -> list[tuple[str, int]]:
+    """(name, numel) of every distinct parameter tensor of GPT2LMHeadModel (lm_head is tied to wte)."""
+    d, v, p = config.n_embd, config.vocab_size, config.n_positions
+    inner = config.n_inner or 4 * d
+    out = [("wte", v * d), ("wpe", p * d)]
+    for i in range(config.n_layer):
+        out += [
+            (f"h.{i}.ln_1.weight", d), (f"h.{i}.ln_1.bias", d),
+            (f"h.{i}.attn.c_attn.weight", d * 3 * d), (f"h.{i}.attn.c_attn.bias", 3 * d),
+            (f"h.{i}.attn.c_proj.weight", d * d), (f"h.{i}.attn.c_proj.bias", d),
+            (f"h.{i}.ln_2.weight", d), (f"h.{i}.ln_2.bias", d),
+            (f"h.{i}.mlp.c_fc.weight", d * inner), (f"h.{i}.mlp.c_fc.bias", inner),
+            (f"h.{i}.mlp.c_proj.weight", inner * d), (f"h.{i}.mlp.c_proj.bias", d),
+        ]
+    out += [("ln_f.weight", d), ("ln_f.bias", d)]
+    assert sum(n for _, n in out) == count_parameters(config)
+    return out
+
+
+def optimizer_state_bytes(config: GPT2Config, optimizer: str = "adamw") -> int:
+    """Bytes of the optimizer's state tensors once it has stepped (unsharded)."""
+    kind = OPTIMIZERS[optimizer]
+    shapes = parameter_shapes(config)
+    if kind in ("adamw", "adamw_fused"):
+        return sum(2 * 4 * n + 4 for _, n in shapes)  # exp_avg, exp_avg_sq (fp32) + a float32 `step` tensor
+    total, any_8bit = 0, False
+    for _, n in shapes:
+        if n >= BNB_MIN_8BIT_SIZE:
+            total += 2 * n + 2 * 4 * math.ceil(n / BNB_BLOCKSIZE)  # state1/state2 uint8 + absmax1/absmax2 fp32
+            any_8bit = True
+        else:
+            total += 2 * 4 * n  # small tensors keep 32-bit states (bnb's min_8bit_size)
+    return total + (BNB_QMAP_BYTES if any_8bit else 0)  # `step` is a Python int in bnb
+
+
+# -- activations ----------------------------------------------------------------------------------------------------
+def layer_activation_bytes_per_token(
+    config: GPT2Config, seq_len: int, dtype_bytes: int, attn_impl: str = "sdpa", dropout: float = 0.0
+) -> float:
+    """Bytes autograd saves per token in one eager GPT2Block (fp32 weights, autocast to `dtype_bytes`).
+
+    Walking GPT2Block.forward (s = compute-dtype bytes, d = n_embd, H = heads; the residual stream stays fp32
+    because bf16 + fp32 promotes to fp32):
+      ln_1: input 4d + mean/rstd 8           c_attn: its (cast) input s*d
+      SDPA: q, k, v (views of c_attn's output) 3*s*d, output s*d (also c_proj's input), logsumexp 4*H
+      ln_2: input 4d + 8                     c_fc: its (cast) input s*d
+      gelu_new (Python: 0.5*x*(1+tanh(c*(x+0.044715*x^3)))): x (saved by pow) 4*s*d, tanh output 4*s*d,
+        0.5*x 4*s*d and 1+tanh 4*s*d (saved by the final multiply)
+      mlp.c_proj: its input (the gelu output) 4*s*d
+    = 8d + 16 + 4H + 26*s*d. Dropout > 0 adds two 1-byte residual masks per layer (2d); eager attention saves
+    the fp32 softmax output and its s-byte cast (plus a 1-byte dropout mask) per head and key: H*T*(4+s[+1]).
+    """
+    d, heads = config.n_embd, config.n_head
+    per = 8 * d + 16 + 26 * dtype_bytes * d
+    if attn_impl == "eager":
+        per += heads * seq_len * (4 + dtype_bytes + (1 if dropout > 0 else 0))
+    else:
+        per += 4 * heads
+    if dropout > 0:
+        per += 2 * d
+    return per
+
+
+def activation_bytes(
+    config: GPT2Config, micro_batch: int, seq_len: int, dtype_bytes: int, gradient_checkpointing: bool,
+    attn_impl: str = "sdpa", dropout: float = 0.0,
+) -> int:
+    """Saved activations of the whole transformer (embeddings, blocks, ln_f), excluding the loss head."""
+    tokens = micro_batch * seq_len
+    layer = layer_activation_bytes_per_token(config, seq_len, dtype_bytes, attn_impl, dropout)
+    if gradient_checkpointing:
+        # Non-reentrant checkpointing keeps each block's fp32 input; backward recomputes one block at a time.
+        blocks = config.n_layer * 4 * config.n_embd + layer
+    else:
+        blocks = config.n_layer * layer
+    outside = 8 + 8 + 4 * config.n_embd + 8  # token ids (int64) for wte, ln_f input + mean/rstd
+    if dropout > 0:
+        outside += config.n_embd  # embedding dropout mask
+    return int(tokens * (blocks + outside))
+
+
+def loss_head_bytes(
+    config: GPT2Config, micro_batch: int, seq_len: int, dtype_bytes: int, loss_impl: str, chunk_size: int = CHUNK_SIZE
+) -> int:
+    """Peak bytes of the loss computation on top of the activations (see model._ChunkedLinearCrossEntropy)."""
+    d, v = config.n_embd, config.vocab_size
+    if loss_impl == "hf":
+        n = micro_batch * seq_len
+        forward = (dtype_bytes + (4 if dtype_bytes != 4 else 0) + 4) * n * v  # logits, fp32 copy, log-softmax
+        backward = 12 * n * v  # saved log-softmax + nll's dense gradient + log-softmax's input gradient
+        return int(max(forward, backward))
+    n = micro_batch * (seq_len - 1)
+    copy = dtype_bytes if dtype_bytes != 4 else 0  # `.to(compute_dtype)` is free when the dtype already matches
+    saved = 4 * n * d + 4 * v * d  # grad_h (fp32) and grad_w (fp32) saved for backward
+    fixed = 4 * n * d + copy * (2 * n * d + v * d)  # hidden[:, :-1] copy; h, grad_h and w in the compute dtype
+    c = min(chunk_size, n)
+    # One chunk: logits + (logits - lse) + probs in fp32; with several chunks the previous iteration's logits,
+    # probs and g are still referenced while the next ones are built.
+    chunk = (16 + copy) * c * v if n > chunk_size else 12 * c * v
+    return int(saved + fixed + max(chunk, (copy + 4) * v * d))  # or g.T @ h_c and its fp32 copy
+
+
+# -- the plan -------------------------------------------------------------------------------------------------------
+@dataclass
+class MemoryPlan:
+    """Predicted bytes on ONE GPU; `peak` is what torch.cuda.max_memory_allocated should show (roughly),
+    `total` adds the CUDA context and is what must fit on the card."""
+
+    model: str
+    n_params: int
+    micro_batch: int
+    seq_len: int
+    precision: str
+    gradient_checkpointing: bool
+    optimizer: str
+    zero_stage: int
+    fsdp: bool
+    num_gpus: int
+    loss_impl: str
+    grad_accum: int
+    weights: int
+    gradients: int
+    optimizer_states: int
+    master_weights: int
+    autocast_weight_copies: int
+    activations: int
+    loss_head: int
+    optimizer_temp: int
+    workspace: int
+    cuda_context: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def static(self) -> int:
+        return self.weights + self.gradients + self.optimizer_states + self.master_weights
+
+    @property
+    def forward_backward_peak(self) -> int:
+        return self.static + self.autocast_weight_copies + self.activations + self.loss_head + self.workspace
+
+    @property
+    def optimizer_step_peak(self) -> int:
+        return self.static + self.optimizer_temp + WORKSPACE_BYTES
+
+    @property
+    def peak(self) -> int:
+        return max(self.forward_backward_peak, self.optimizer_step_peak)
+
+    @property
+    def total(self) -> int:
+        return self.peak + self.cuda_context
+
+    def as_dict(self) -> dict:
+        out = asdict(self)
+        out.update(peak=self.peak, total=self.total, total_gib=self.total / GIB)
+        return out
+
+    def table(self) -> str:
+        rows = [
+            ("weights", self.weights), ("gradients", self.gradients), ("optimizer states", self.optimizer_states),
+            ("master weights", self.master_weights), ("autocast weight copies", self.autocast_weight_copies),
+            ("activations", self.activations), ("loss head (logits)", self.loss_head),
+            ("workspace + fragmentation", self.workspace), ("optimizer-step temporaries", self.optimizer_temp),
+            ("peak allocated (max_memory_allocated)", self.peak), ("CUDA context", self.cuda_context),
+            ("total per GPU", self.total),
+        ]
+        sharding = f"ZeRO-{self.zero_stage}" if self.zero_stage else ("FSDP" if self.fsdp else "no sharding")
+        head = (
+            f"{self.model} ({self.n_params / 1e6:.1f} M params), micro-batch {self.micro_batch} x seq {self.seq_len}"
+            f" x accumulation {self.grad_accum}, {self.precision}, {self.optimizer}, "
+            f"checkpointing {'on' if self.gradient_checkpointing else 'off'}, loss {self.loss_impl}, "
+            f"{sharding} on {self.num_gpus} GPU(s)"
+        )
+        lines = [head, "", "| component | GiB |", "|---|---:|"]
+        lines += [f"| {name} | {b / GIB:.2f} |" for name, b in rows]
+        lines += [f"- {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _norm_optimizer(optimizer: str) -> str:
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer {optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
+    return OPTIMIZERS[optimizer]
+
+
+def plan_memory(
+    config: GPT2Config | str = "gpt2-small",
+    micro_batch: int = 16,
+    seq_len: int | None = None,
+    precision: str = "bf16",
+    gradient_checkpointing: bool = False,
+    optimizer: str = "adamw",
+    zero_stage: int = 0,
+    fsdp: bool = False,
+    num_gpus: int = 1,
+    loss_impl: str = "chunked",
+    *,
+    grad_accum: int = 1,
+    attn_impl: str = "sdpa",
+    dropout: float = 0.0,
+    chunk_size: int = CHUNK_SIZE,
+) -> MemoryPlan:
+    """Predict per-GPU memory for one training configuration (see the module docstring for the model)."""
+    name = config if isinstance(config, str) else f"custom (L={config.n_layer}, d={config.n_embd})"
+    cfg = resolve_config(config)
+    seq_len = seq_len or cfg.n_positions
+    if precision not in DTYPE_BYTES:
+        raise ValueError(f"precision {precision!r}: use bf16, fp16 or fp32")
+    if not 0 <= zero_stage <= 3:
+        raise ValueError("zero_stage must be 0, 1, 2 or 3")
+    if zero_stage and fsdp:
+        raise ValueError("choose ZeRO (DeepSpeed) or FSDP, not both")
+    if loss_impl not in ("chunked", "hf"):
+        raise ValueError("loss_impl must be 'chunked' or 'hf'")
+    opt = _norm_optimizer(optimizer)
+    s = DTYPE_BYTES[precision]
+    n_gpus = max(int(num_gpus), 1)
+    shapes = parameter_shapes(cfg)
+    P = sum(n for _, n in shapes)
+    block_params = sum(n for k, n in shapes if k.startswith("h."))
+    states = optimizer_state_bytes(cfg, opt)
+    notes: list[str] = []
+    master = 0
+    copies = 2 * block_params if s == 2 else 0
+    weights, grads = 4 * P, 4 * P
+    temp = 4 * P if opt == "adamw" else 0  # foreach AdamW: a parameter-sized sqrt(exp_avg_sq) temporary
+    if zero_stage and s == 2:
+        # DeepSpeed's mixed precision: the model itself is cast to 16 bits; the optimizer owns an fp32 master.
+        weights, grads, master, copies = 2 * P, 2 * P, 4 * P, 0
+        notes.append("DeepSpeed bf16/fp16: 2-byte weights and gradients, fp32 master weights in the optimizer")
+    shard = {
+        "weights": n_gpus if (zero_stage == 3 or fsdp) else 1,
+        "grads": n_gpus if (zero_stage >= 2 or fsdp) else 1,
+        "states": n_gpus if (zero_stage >= 1 or fsdp) else 1,
+    }
+    weights, grads = math.ceil(weights / shard["weights"]), math.ceil(grads / shard["grads"])
+    states, master = math.ceil(states / shard["states"]), math.ceil(master / shard["states"])
+    temp = math.ceil(temp / shard["states"])
+    if (zero_stage == 3 or fsdp) and n_gpus > 1:
+        per_layer = block_params // cfg.n_layer
+        gathered = 2 * per_layer * (s + s)  # ~2 layers gathered (prefetch) in the compute dtype, + their grads
+        gathered += 4 * cfg.vocab_size * cfg.n_embd // (1 if fsdp else 2)  # the embedding unit when it runs
+        weights += gathered
+        notes.append("ZeRO-3/FSDP: includes ~2 gathered layers and the embedding while they compute")
+        if fsdp:
+            copies = 0
+    if s == 2 and not (zero_stage and s == 2) and not ((zero_stage == 3 or fsdp) and n_gpus > 1):
+        notes.append(
+            f"fp32 weights are the master copy (autocast); bf16 casts of the block weights "
+            f"({copies / GIB:.2f} GiB) live from the forward to each layer's backward"
+        )
+    acts = activation_bytes(cfg, micro_batch, seq_len, s, gradient_checkpointing, attn_impl, dropout)
+    head = loss_head_bytes(cfg, micro_batch, seq_len, s, loss_impl, chunk_size)
+    workspace = WORKSPACE_BYTES + int(FRAGMENTATION * (acts + head))
+    if attn_impl == "sdpa":
+        notes.append("activations: eager HF GPT2Block with SDPA; torch.compile saves less (upper bound)")
+    return MemoryPlan(
+        model=name, n_params=P, micro_batch=micro_batch, seq_len=seq_len, precision=precision,
+        gradient_checkpointing=gradient_checkpointing, optimizer=opt, zero_stage=zero_stage, fsdp=fsdp,
+        num_gpus=n_gpus, loss_impl=loss_impl, grad_accum=grad_accum, weights=weights, gradients=grads,
+        optimizer_states=states, master_weights=master, autocast_weight_copies=copies, activations=acts,
+        loss_head=head, optimizer_temp=temp, workspace=workspace, cuda_context=CUDA_CONTEXT_BYTES, notes=notes,
+    )
+
+
+def fits(plan: MemoryPlan, gpu_gib: float) -> bool:
+    """True when the plan's total (peak allocations + CUDA context) fits a GPU of `gpu_gib` GiB."""
+    return plan.total <= gpu_gib * GIB
+
+
+# -- advice ---------------------------------------------------------------------------------------------------------
+@dataclass
+class Advice:
+    fits_as_is: bool
+    plan: MemoryPlan
+    gpu_memory_gib: float
+    change: str | None = None  # None: nothing needed, or nothing found
+    settings: dict = field(default_factory=dict)  # the recommended keyword arguments of plan_memory
+    recommended: MemoryPlan | None = None
+    tried: list[str] = field(default_factory=list)
+
+    @property
+    def found(self) -> bool:
+        return self.fits_as_is or self.recommended is not None
+
+    def text(self) -> str:
+        need = self.plan.total / GIB
+        if self.fits_as_is:
+            return (f"fits: {need:.1f} GiB of {self.gpu_memory_gib:g} GiB "
+                    f"({self.gpu_memory_gib - need:.1f} GiB to spare)")
+        if self.recommended is None:
+            return (f"does NOT fit: needs {need:.1f} GiB of {self.gpu_memory_gib:g} GiB, and none of the changes "
+                    f"tried fits ({'; '.join(self.tried)}); use a GPU with more memory or a smaller model")
+        return (f"does NOT fit: needs {need:.1f} GiB of {self.gpu_memory_gib:g} GiB.\n"
+                f"cheapest change that fits: {self.change} -> {self.recommended.total / GIB:.1f} GiB")
+
+
+def _divisors_desc(n: int) -> list[int]:
+    return [k for k in range(n - 1, 0, -1) if n % k == 0]
+
+
+def advise(
+    config: GPT2Config | str = "gpt2-small",
+    micro_batch: int = 16,
+    seq_len: int | None = None,
+    precision: str = "bf16",
+    gradient_checkpointing: bool = False,
+    optimizer: str = "adamw",
+    zero_stage: int = 0,
+    fsdp: bool = False,
+    num_gpus: int = 1,
+    loss_impl: str = "chunked",
+    *,
+    gpu_memory_gib: float,
+    grad_accum: int = 1,
+    **kwargs,
+) -> Advice:
+    """Does it fit a GPU of `gpu_memory_gib`? If not, the cheapest change (in throughput) that makes it fit.
+
+    Changes are tried in order of cost, each keeping the effective batch (micro_batch x accumulation):
+      1. a smaller micro-batch with more gradient accumulation (largest micro-batch that fits);
+      2. gradient checkpointing (~30% more compute), with the largest micro-batch that then fits;
+      3. the 8-bit AdamW (bitsandbytes), again with the largest micro-batch that fits;
+      4. with num_gpus > 1: ZeRO-1, ZeRO-2, ZeRO-3/FSDP (more communication), same search.
+    """
+    base = dict(config=config, micro_batch=micro_batch, seq_len=seq_len, precision=precision,
+                gradient_checkpointing=gradient_checkpointing, optimizer=optimizer, zero_stage=zero_stage,
+                fsdp=fsdp, num_gpus=num_gpus, loss_impl=loss_impl, grad_accum=grad_accum, **kwargs)
+    plan = plan_memory(**base)
+    advice = Advice(fits_as_is=fits(plan, gpu_memory_gib), plan=plan, gpu_memory_gib=gpu_memory_gib)
+    if advice.fits_as_is:
+        return advice
+
+    effective = micro_batch * grad_accum
+
+    def with_micro_batches(settings: dict, label: str) -> tuple[dict, MemoryPlan, str] | None:
+        for mb in [settings["micro_batch"], *_divisors_desc(settings["micro_batch"])]:
+            s = dict(settings, micro_batch=mb, grad_accum=effective // mb)
+            p = plan_memory(**s)
+            if fits(p, gpu_memory_gib):
+                parts = [label] if label else []
+                if mb != micro_batch:
+                    parts.append(f"--per_device_train_batch_size {mb} --gradient_accumulation_steps "
+                                 f"{effective // mb} (same effective batch of {effective})")
+                return s, p, " + ".join(parts)
+            advice.tried.append(f"{label or 'as is'} at micro-batch {mb}: {p.total / GIB:.1f} GiB")
+        return None
+
+    stages: list[tuple[dict, str]] = [(base, "")]
+    if not gradient_checkpointing:
+        stages.append((dict(base, gradient_checkpointing=True), "--gradient_checkpointing"))
+    if OPTIMIZERS.get(optimizer) != "adamw_8bit":
+        last = stages[-1][0]
+        label = " + ".join(x for x in (stages[-1][1], "--optim adamw_bnb_8bit") if x)
+        stages.append((dict(last, optimizer="adamw_8bit"), label))
+    if num_gpus > 1:
+        last, label = stages[-1]
+        for z in range(max(zero_stage, 0) + 1, 4):
+            stages.append((dict(last, zero_stage=z, fsdp=False),
+                           " + ".join(x for x in (label, f"DeepSpeed ZeRO-{z} across {num_gpus} GPUs") if x)))
+        if not fsdp:
+            stages.append((dict(last, zero_stage=0, fsdp=True),
+                           " + ".join(x for x in (label, f"FSDP (full shard) across {num_gpus} GPUs") if x)))
+    for settings, label in stages:
+        found = with_micro_batches(settings, label)
+        if found:
+            advice.settings, advice.recommended, advice.change = found
+            return advice
+    return advice
+
+
+# -- measurement (GPU) ----------------------------------------------------------------------------------------------
+def measure_peak_memory(
+    config: GPT2Config | str = "gpt2-small",
+    micro_batch: int = 16,
+    seq_len: int | None = None,
+    precision: str = "bf16",
+    gradient_checkpointing: bool = False,
+    optimizer: str = "adamw",
+    loss_impl: str = "chunked",
+    *,
+    steps: int = 3,
+    compile: bool = False,
+    attn_impl: str = "sdpa",
+) -> dict:
+    """Train `steps` steps on random tokens on the current CUDA device; torch.cuda.max_memory_allocated.
+
+    GPU only (raises RuntimeError on a CPU). Single GPU, no sharding: what `plan_memory` predicts with
+    zero_stage=0, so the two can be compared."""
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    from .model import CausalLMWithLoss
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("measure_peak_memory needs a CUDA GPU (torch.cuda.max_memory_allocated)")
+    cfg = resolve_config(config)
+    cfg = GPT2Config(**{**cfg.to_dict(), "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0})
+    cfg._attn_implementation = attn_impl
+    seq_len = seq_len or cfg.n_positions
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    lm = GPT2LMHeadModel(cfg).cuda()
+    if gradient_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lm.config.use_cache = False
+    model = CausalLMWithLoss(lm, loss_impl)
+    opt = _norm_optimizer(optimizer)
+    if opt == "adamw_8bit":
+        import bitsandbytes as bnb
+
+        optim = bnb.optim.AdamW8bit(model.parameters(), lr=1e-4)
+    else:
+        optim = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=(opt == "adamw_fused") or None)
+    step_model = torch.compile(model) if compile else model
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    x = torch.randint(0, cfg.vocab_size, (micro_batch, seq_len), device="cuda")
+    for _ in range(steps):
+        with torch.autocast("cuda", dtype=dtype, enabled=precision != "fp32"):
+            loss = step_model(x)
+        loss.backward()
+        optim.step()
+        optim.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    del model, step_model, lm, optim, x, loss
+    torch.cuda.empty_cache()
+    return {"peak_allocated": peak, "peak_allocated_gib": peak / GIB}
+
+
+# -- command line ---------------------------------------------------------------------------------------------------
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="train.py plan", description="Predict per-GPU memory and advise how to fit.")
+    p.add_argument("--preset", default="gpt2-small", choices=list(PRESETS))
+    p.add_argument("--micro_batch", "--per_device_train_batch_size", dest="micro_batch", type=int, default=16)
+    p.add_argument("--seq_len", "--block_size", dest="seq_len", type=int, default=None,
+                   help="Tokens per sequence (default: the preset's n_positions).")
+    p.add_argument("--grad_accum", "--gradient_accumulation_steps", dest="grad_accum", type=int, default=1)
+    p.add_argument("--precision", default="bf16", choices=list(DTYPE_BYTES))
+    p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument("--optim", default="adamw", choices=list(OPTIMIZERS))
+    p.add_argument("--zero_stage", type=int, default=0, choices=[0, 1, 2, 3])
+    p.add_argument("--fsdp", action="store_true")
+    p.add_argument("--num_gpus", type=int, default=1)
+    p.add_argument("--loss_impl", default="chunked", choices=["chunked", "hf"])
+    p.add_argument("--attn_implementation", dest="attn_impl", default="sdpa", choices=["sdpa", "eager"])
+    p.add_argument("--vocab_size", type=int, default=None, help="Tokenizer size (default GPT-2's 50257, padded).")
+    p.add_argument("--gpu_memory_gib", type=float, default=None, help="Memory of one GPU; omit for the table only.")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    a = _parser().parse_args(argv)
+    config = resolve_config(a.preset, a.vocab_size) if a.vocab_size else a.preset
+    kw = dict(config=config, micro_batch=a.micro_batch, seq_len=a.seq_len, precision=a.precision,
+              gradient_checkpointing=a.gradient_checkpointing, optimizer=a.optim, zero_stage=a.zero_stage,
+              fsdp=a.fsdp, num_gpus=a.num_gpus, loss_impl=a.loss_impl, grad_accum=a.grad_accum,
+              attn_impl=a.attn_impl)
+    plan = plan_memory(**kw)
+    if isinstance(config, GPT2Config):
+        plan = replace(plan, model=a.preset)
+    print(plan.table())
+    result = {"plan": plan.as_dict()}
+    if a.gpu_memory_gib is not None:
+        adv = advise(**kw, gpu_memory_gib=a.gpu_memory_gib)
+        print("\n" + adv.text())
+        result["advice"] = {
+            "fits_as_is": adv.fits_as_is, "found": adv.found, "change": adv.change,
+            "settings": {k: v for k, v in adv.settings.items() if k != "config"},
+            "recommended": adv.recommended.as_dict() if adv.recommended else None, "text": adv.text(),
+        }
+    return result
