@@ -39,13 +39,38 @@ def test_extrapolation_scales_by_flops_per_token():
 
 
 def test_cli(capsys):
-    out = cli_main(["estimate", "--preset", "gpt2-small", "--tokens", "9e9", "--tokens_per_s", "500000",
-                    "--gpus", "8", "--price_per_gpu_hour", "2.5"])
+    out = cli_main(
+        [
+            "estimate",
+            "--preset",
+            "gpt2-small",
+            "--tokens",
+            "9e9",
+            "--tokens_per_s",
+            "500000",
+            "--gpus",
+            "8",
+            "--price_per_gpu_hour",
+            "2.5",
+        ]
+    )
     text = capsys.readouterr().out
     assert out["cost"] == pytest.approx(100.0) and "5.00 h" in text and "100.00" in text
-    out = cli_main(["estimate", "--preset", "gpt2-medium", "--tokens", "1e9", "--from_preset", "gpt2-small",
-                    "--from_tokens_per_s", "300000"])
+    out = cli_main(
+        [
+            "estimate",
+            "--preset",
+            "gpt2-medium",
+            "--tokens",
+            "1e9",
+            "--from_preset",
+            "gpt2-small",
+            "--from_tokens_per_s",
+            "300000",
+        ]
+    )
     assert "EXTRAPOLATED" in capsys.readouterr().out and out["extrapolated_from"]
-    out = cli_main(["estimate", "--n_params", "1e8", "--tokens", "1e9", "--tokens_per_s_per_gpu", "1e5",
-                    "--gpus", "2"])
+    out = cli_main(
+        ["estimate", "--n_params", "1e8", "--tokens", "1e9", "--tokens_per_s_per_gpu", "1e5", "--gpus", "2"]
+    )
     assert out["tokens_per_s"] == 2e5 and out["seconds"] == pytest.approx(5000)

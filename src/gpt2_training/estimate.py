@@ -64,7 +64,9 @@ class Estimate:
             f"{_duration(self.seconds)} wall-clock, {self.gpu_hours:,.1f} GPU-hours"
         )
         if self.cost is not None:
-            lines.append(f"cost: {self.gpu_hours:,.1f} GPU-h x {self.price_per_gpu_hour:g}/GPU-h = {self.cost:,.2f}")
+            lines.append(
+                f"cost: {self.gpu_hours:,.1f} GPU-h x {self.price_per_gpu_hour:g}/GPU-h = {self.cost:,.2f}"
+            )
         lines.append(
             f"work: {self.total_flops:.3g} FLOPs ({self.flops_per_token:.3g} per token); that throughput is "
             f"{self.achieved_tflops_per_gpu:.1f} TFLOP/s per GPU (compare with the GPU's peak for its MFU)"
@@ -97,16 +99,29 @@ def estimate(
     seconds = tokens / tokens_per_s
     gpu_hours = seconds / 3600 * num_gpus
     return Estimate(
-        model=label, n_params=n, tokens=tokens, tokens_per_s=tokens_per_s, num_gpus=num_gpus, seconds=seconds,
-        hours=seconds / 3600, days=seconds / 86400, gpu_hours=gpu_hours,
+        model=label,
+        n_params=n,
+        tokens=tokens,
+        tokens_per_s=tokens_per_s,
+        num_gpus=num_gpus,
+        seconds=seconds,
+        hours=seconds / 3600,
+        days=seconds / 86400,
+        gpu_hours=gpu_hours,
         cost=gpu_hours * price_per_gpu_hour if price_per_gpu_hour is not None else None,
-        price_per_gpu_hour=price_per_gpu_hour, flops_per_token=fpt, total_flops=fpt * tokens,
+        price_per_gpu_hour=price_per_gpu_hour,
+        flops_per_token=fpt,
+        total_flops=fpt * tokens,
         achieved_tflops_per_gpu=tokens_per_s * fpt / num_gpus / 1e12,
     )
 
 
 def extrapolate_tokens_per_s(
-    measured_tokens_per_s: float, measured_model: int | str, target_model: int | str, *, seq_len: int | None = None
+    measured_tokens_per_s: float,
+    measured_model: int | str,
+    target_model: int | str,
+    *,
+    seq_len: int | None = None,
 ) -> tuple[float, str]:
     """EXTRAPOLATION: tokens/s of `target_model` from a measurement on `measured_model`, scaled by the ratio of
     training FLOPs per token (i.e. assuming the same MFU on the same hardware). Returns (tokens/s, explanation)."""
@@ -122,21 +137,31 @@ def extrapolate_tokens_per_s(
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="train.py estimate", description="Training time and cost from a throughput.")
+    p = argparse.ArgumentParser(
+        prog="train.py estimate", description="Training time and cost from a throughput."
+    )
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--preset", help="Model size (a preset name).")
     what.add_argument("--n_params", type=float, help="Parameter count, when the model is no preset.")
     p.add_argument("--tokens", type=float, required=True, help="Tokens to train on, e.g. 9e9.")
     rate = p.add_mutually_exclusive_group(required=True)
     rate.add_argument("--tokens_per_s", type=float, help="Measured throughput of the whole job (all GPUs).")
-    rate.add_argument("--tokens_per_s_per_gpu", type=float,
-                      help="Measured throughput of one GPU; ASSUMES linear scaling to --gpus.")
-    rate.add_argument("--from_tokens_per_s", type=float,
-                      help="Measured whole-job throughput of --from_preset: EXTRAPOLATE by FLOPs per token.")
+    rate.add_argument(
+        "--tokens_per_s_per_gpu",
+        type=float,
+        help="Measured throughput of one GPU; ASSUMES linear scaling to --gpus.",
+    )
+    rate.add_argument(
+        "--from_tokens_per_s",
+        type=float,
+        help="Measured whole-job throughput of --from_preset: EXTRAPOLATE by FLOPs per token.",
+    )
     p.add_argument("--from_preset", help="The model size --from_tokens_per_s was measured on.")
     p.add_argument("--gpus", "--num_gpus", dest="gpus", type=int, default=1)
     p.add_argument("--price_per_gpu_hour", type=float, default=None)
-    p.add_argument("--seq_len", type=int, default=None, help="Sequence length (default: the preset's n_positions).")
+    p.add_argument(
+        "--seq_len", type=int, default=None, help="Sequence length (default: the preset's n_positions)."
+    )
     return p
 
 

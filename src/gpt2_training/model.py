@@ -108,6 +108,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 g = probs.to(compute_dtype)
                 grad_h[start : start + chunk_size] = g @ w
                 grad_w += (g.t() @ h_c).to(acc)
+                del probs, g  # free this chunk's buffers before the next chunk allocates its own
+            del logits, lse
         if need_grad:
             ctx.save_for_backward(grad_h.to(hidden.dtype), grad_w.to(weight.dtype))
         return total / n

@@ -52,8 +52,12 @@ FRAGMENTATION = 0.05  # caching-allocator slack on the activation-sized blocks
 CUDA_CONTEXT_BYTES = 512 * MIB  # CUDA context + kernels: outside max_memory_allocated, inside nvidia-smi
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 OPTIMIZERS = {
-    "adamw": "adamw", "adamw_torch": "adamw", "adamw_fused": "adamw_fused", "adamw_torch_fused": "adamw_fused",
-    "adamw_8bit": "adamw_8bit", "adamw_bnb_8bit": "adamw_8bit",
+    "adamw": "adamw",
+    "adamw_torch": "adamw",
+    "adamw_fused": "adamw_fused",
+    "adamw_torch_fused": "adamw_fused",
+    "adamw_8bit": "adamw_8bit",
+    "adamw_bnb_8bit": "adamw_8bit",
 }
 
 
@@ -74,12 +78,18 @@ def parameter_shapes(config: GPT2Config) -> list[tuple[str, int]]:
     out = [("wte", v * d), ("wpe", p * d)]
     for i in range(config.n_layer):
         out += [
-            (f"h.{i}.ln_1.weight", d), (f"h.{i}.ln_1.bias", d),
-            (f"h.{i}.attn.c_attn.weight", d * 3 * d), (f"h.{i}.attn.c_attn.bias", 3 * d),
-            (f"h.{i}.attn.c_proj.weight", d * d), (f"h.{i}.attn.c_proj.bias", d),
-            (f"h.{i}.ln_2.weight", d), (f"h.{i}.ln_2.bias", d),
-            (f"h.{i}.mlp.c_fc.weight", d * inner), (f"h.{i}.mlp.c_fc.bias", inner),
-            (f"h.{i}.mlp.c_proj.weight", inner * d), (f"h.{i}.mlp.c_proj.bias", d),
+            (f"h.{i}.ln_1.weight", d),
+            (f"h.{i}.ln_1.bias", d),
+            (f"h.{i}.attn.c_attn.weight", d * 3 * d),
+            (f"h.{i}.attn.c_attn.bias", 3 * d),
+            (f"h.{i}.attn.c_proj.weight", d * d),
+            (f"h.{i}.attn.c_proj.bias", d),
+            (f"h.{i}.ln_2.weight", d),
+            (f"h.{i}.ln_2.bias", d),
+            (f"h.{i}.mlp.c_fc.weight", d * inner),
+            (f"h.{i}.mlp.c_fc.bias", inner),
+            (f"h.{i}.mlp.c_proj.weight", inner * d),
+            (f"h.{i}.mlp.c_proj.bias", d),
         ]
     out += [("ln_f.weight", d), ("ln_f.bias", d)]
     assert sum(n for _, n in out) == count_parameters(config)
@@ -95,7 +105,8 @@ def optimizer_state_bytes(config: GPT2Config, optimizer: str = "adamw") -> int:
     total, any_8bit = 0, False
     for _, n in shapes:
         if n >= BNB_MIN_8BIT_SIZE:
-            total += 2 * n + 2 * 4 * math.ceil(n / BNB_BLOCKSIZE)  # state1/state2 uint8 + absmax1/absmax2 fp32
+            # state1/state2 uint8 + absmax1/absmax2 fp32 (one per block)
+            total += 2 * n + 2 * 4 * math.ceil(n / BNB_BLOCKSIZE)
             any_8bit = True
         else:
             total += 2 * 4 * n  # small tensors keep 32-bit states (bnb's min_8bit_size)
@@ -131,8 +142,13 @@ def layer_activation_bytes_per_token(
 
 
 def activation_bytes(
-    config: GPT2Config, micro_batch: int, seq_len: int, dtype_bytes: int, gradient_checkpointing: bool,
-    attn_impl: str = "sdpa", dropout: float = 0.0,
+    config: GPT2Config,
+    micro_batch: int,
+    seq_len: int,
+    dtype_bytes: int,
+    gradient_checkpointing: bool,
+    attn_impl: str = "sdpa",
+    dropout: float = 0.0,
 ) -> int:
     """Saved activations of the whole transformer (embeddings, blocks, ln_f), excluding the loss head."""
     tokens = micro_batch * seq_len
@@ -149,7 +165,12 @@ def activation_bytes(
 
 
 def loss_head_bytes(
-    config: GPT2Config, micro_batch: int, seq_len: int, dtype_bytes: int, loss_impl: str, chunk_size: int = CHUNK_SIZE
+    config: GPT2Config,
+    micro_batch: int,
+    seq_len: int,
+    dtype_bytes: int,
+    loss_impl: str,
+    chunk_size: int = CHUNK_SIZE,
 ) -> int:
     """Peak bytes of the loss computation on top of the activations (see model._ChunkedLinearCrossEntropy)."""
     d, v = config.n_embd, config.vocab_size
@@ -159,13 +180,16 @@ def loss_head_bytes(
         backward = 12 * n * v  # saved log-softmax + nll's dense gradient + log-softmax's input gradient
         return int(max(forward, backward))
     n = micro_batch * (seq_len - 1)
-    copy = dtype_bytes if dtype_bytes != 4 else 0  # `.to(compute_dtype)` is free when the dtype already matches
+    copy = (
+        dtype_bytes if dtype_bytes != 4 else 0
+    )  # `.to(compute_dtype)` is free when the dtype already matches
     saved = 4 * n * d + 4 * v * d  # grad_h (fp32) and grad_w (fp32) saved for backward
-    fixed = 4 * n * d + copy * (2 * n * d + v * d)  # hidden[:, :-1] copy; h, grad_h and w in the compute dtype
+    fixed = 4 * n * d + copy * (
+        2 * n * d + v * d
+    )  # hidden[:, :-1] copy; h, grad_h and w in the compute dtype
     c = min(chunk_size, n)
-    # One chunk: logits + (logits - lse) + probs in fp32; with several chunks the previous iteration's logits,
-    # probs and g are still referenced while the next ones are built.
-    chunk = (16 + copy) * c * v if n > chunk_size else 12 * c * v
+    # One chunk: logits + (logits - lse) + probs in fp32; each chunk's buffers are freed before the next one.
+    chunk = 12 * c * v
     return int(saved + fixed + max(chunk, (copy + 4) * v * d))  # or g.T @ h_c and its fp32 copy
 
 
@@ -226,11 +250,17 @@ class MemoryPlan:
 
     def table(self) -> str:
         rows = [
-            ("weights", self.weights), ("gradients", self.gradients), ("optimizer states", self.optimizer_states),
-            ("master weights", self.master_weights), ("autocast weight copies", self.autocast_weight_copies),
-            ("activations", self.activations), ("loss head (logits)", self.loss_head),
-            ("workspace + fragmentation", self.workspace), ("optimizer-step temporaries", self.optimizer_temp),
-            ("peak allocated (max_memory_allocated)", self.peak), ("CUDA context", self.cuda_context),
+            ("weights", self.weights),
+            ("gradients", self.gradients),
+            ("optimizer states", self.optimizer_states),
+            ("master weights", self.master_weights),
+            ("autocast weight copies", self.autocast_weight_copies),
+            ("activations", self.activations),
+            ("loss head (logits)", self.loss_head),
+            ("workspace + fragmentation", self.workspace),
+            ("optimizer-step temporaries", self.optimizer_temp),
+            ("peak allocated (max_memory_allocated)", self.peak),
+            ("CUDA context", self.cuda_context),
             ("total per GPU", self.total),
         ]
         sharding = f"ZeRO-{self.zero_stage}" if self.zero_stage else ("FSDP" if self.fsdp else "no sharding")
@@ -296,7 +326,9 @@ def plan_memory(
     if zero_stage and s == 2:
         # DeepSpeed's mixed precision: the model itself is cast to 16 bits; the optimizer owns an fp32 master.
         weights, grads, master, copies = 2 * P, 2 * P, 4 * P, 0
-        notes.append("DeepSpeed bf16/fp16: 2-byte weights and gradients, fp32 master weights in the optimizer")
+        notes.append(
+            "DeepSpeed bf16/fp16: 2-byte weights and gradients, fp32 master weights in the optimizer"
+        )
     shard = {
         "weights": n_gpus if (zero_stage == 3 or fsdp) else 1,
         "grads": n_gpus if (zero_stage >= 2 or fsdp) else 1,
@@ -307,7 +339,9 @@ def plan_memory(
     temp = math.ceil(temp / shard["states"])
     if (zero_stage == 3 or fsdp) and n_gpus > 1:
         per_layer = block_params // cfg.n_layer
-        gathered = 2 * per_layer * (s + s)  # ~2 layers gathered (prefetch) in the compute dtype, + their grads
+        gathered = (
+            2 * per_layer * (s + s)
+        )  # ~2 layers gathered (prefetch) in the compute dtype, + their grads
         gathered += 4 * cfg.vocab_size * cfg.n_embd // (1 if fsdp else 2)  # the embedding unit when it runs
         weights += gathered
         notes.append("ZeRO-3/FSDP: includes ~2 gathered layers and the embedding while they compute")
@@ -324,11 +358,29 @@ def plan_memory(
     if attn_impl == "sdpa":
         notes.append("activations: eager HF GPT2Block with SDPA; torch.compile saves less (upper bound)")
     return MemoryPlan(
-        model=name, n_params=P, micro_batch=micro_batch, seq_len=seq_len, precision=precision,
-        gradient_checkpointing=gradient_checkpointing, optimizer=opt, zero_stage=zero_stage, fsdp=fsdp,
-        num_gpus=n_gpus, loss_impl=loss_impl, grad_accum=grad_accum, weights=weights, gradients=grads,
-        optimizer_states=states, master_weights=master, autocast_weight_copies=copies, activations=acts,
-        loss_head=head, optimizer_temp=temp, workspace=workspace, cuda_context=CUDA_CONTEXT_BYTES, notes=notes,
+        model=name,
+        n_params=P,
+        micro_batch=micro_batch,
+        seq_len=seq_len,
+        precision=precision,
+        gradient_checkpointing=gradient_checkpointing,
+        optimizer=opt,
+        zero_stage=zero_stage,
+        fsdp=fsdp,
+        num_gpus=n_gpus,
+        loss_impl=loss_impl,
+        grad_accum=grad_accum,
+        weights=weights,
+        gradients=grads,
+        optimizer_states=states,
+        master_weights=master,
+        autocast_weight_copies=copies,
+        activations=acts,
+        loss_head=head,
+        optimizer_temp=temp,
+        workspace=workspace,
+        cuda_context=CUDA_CONTEXT_BYTES,
+        notes=notes,
     )
 
 
@@ -355,13 +407,19 @@ class Advice:
     def text(self) -> str:
         need = self.plan.total / GIB
         if self.fits_as_is:
-            return (f"fits: {need:.1f} GiB of {self.gpu_memory_gib:g} GiB "
-                    f"({self.gpu_memory_gib - need:.1f} GiB to spare)")
+            return (
+                f"fits: {need:.1f} GiB of {self.gpu_memory_gib:g} GiB "
+                f"({self.gpu_memory_gib - need:.1f} GiB to spare)"
+            )
         if self.recommended is None:
-            return (f"does NOT fit: needs {need:.1f} GiB of {self.gpu_memory_gib:g} GiB, and none of the changes "
-                    f"tried fits ({'; '.join(self.tried)}); use a GPU with more memory or a smaller model")
-        return (f"does NOT fit: needs {need:.1f} GiB of {self.gpu_memory_gib:g} GiB.\n"
-                f"cheapest change that fits: {self.change} -> {self.recommended.total / GIB:.1f} GiB")
+            return (
+                f"does NOT fit: needs {need:.1f} GiB of {self.gpu_memory_gib:g} GiB, and none of the changes "
+                f"tried fits ({'; '.join(self.tried)}); use a GPU with more memory or a smaller model"
+            )
+        return (
+            f"does NOT fit: needs {need:.1f} GiB of {self.gpu_memory_gib:g} GiB.\n"
+            f"cheapest change that fits: {self.change} -> {self.recommended.total / GIB:.1f} GiB"
+        )
 
 
 def _divisors_desc(n: int) -> list[int]:
@@ -392,9 +450,20 @@ def advise(
       3. the 8-bit AdamW (bitsandbytes), again with the largest micro-batch that fits;
       4. with num_gpus > 1: ZeRO-1, ZeRO-2, ZeRO-3/FSDP (more communication), same search.
     """
-    base = dict(config=config, micro_batch=micro_batch, seq_len=seq_len, precision=precision,
-                gradient_checkpointing=gradient_checkpointing, optimizer=optimizer, zero_stage=zero_stage,
-                fsdp=fsdp, num_gpus=num_gpus, loss_impl=loss_impl, grad_accum=grad_accum, **kwargs)
+    base = dict(
+        config=config,
+        micro_batch=micro_batch,
+        seq_len=seq_len,
+        precision=precision,
+        gradient_checkpointing=gradient_checkpointing,
+        optimizer=optimizer,
+        zero_stage=zero_stage,
+        fsdp=fsdp,
+        num_gpus=num_gpus,
+        loss_impl=loss_impl,
+        grad_accum=grad_accum,
+        **kwargs,
+    )
     plan = plan_memory(**base)
     advice = Advice(fits_as_is=fits(plan, gpu_memory_gib), plan=plan, gpu_memory_gib=gpu_memory_gib)
     if advice.fits_as_is:
@@ -409,8 +478,10 @@ def advise(
             if fits(p, gpu_memory_gib):
                 parts = [label] if label else []
                 if mb != micro_batch:
-                    parts.append(f"--per_device_train_batch_size {mb} --gradient_accumulation_steps "
-                                 f"{effective // mb} (same effective batch of {effective})")
+                    parts.append(
+                        f"--per_device_train_batch_size {mb} --gradient_accumulation_steps "
+                        f"{effective // mb} (same effective batch of {effective})"
+                    )
                 return s, p, " + ".join(parts)
             advice.tried.append(f"{label or 'as is'} at micro-batch {mb}: {p.total / GIB:.1f} GiB")
         return None
@@ -425,11 +496,19 @@ def advise(
     if num_gpus > 1:
         last, label = stages[-1]
         for z in range(max(zero_stage, 0) + 1, 4):
-            stages.append((dict(last, zero_stage=z, fsdp=False),
-                           " + ".join(x for x in (label, f"DeepSpeed ZeRO-{z} across {num_gpus} GPUs") if x)))
+            stages.append(
+                (
+                    dict(last, zero_stage=z, fsdp=False),
+                    " + ".join(x for x in (label, f"DeepSpeed ZeRO-{z} across {num_gpus} GPUs") if x),
+                )
+            )
         if not fsdp:
-            stages.append((dict(last, zero_stage=0, fsdp=True),
-                           " + ".join(x for x in (label, f"FSDP (full shard) across {num_gpus} GPUs") if x)))
+            stages.append(
+                (
+                    dict(last, zero_stage=0, fsdp=True),
+                    " + ".join(x for x in (label, f"FSDP (full shard) across {num_gpus} GPUs") if x),
+                )
+            )
     for settings, label in stages:
         found = with_micro_batches(settings, label)
         if found:
@@ -500,11 +579,19 @@ def measure_peak_memory(
 
 # -- command line ---------------------------------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="train.py plan", description="Predict per-GPU memory and advise how to fit.")
+    p = argparse.ArgumentParser(
+        prog="train.py plan", description="Predict per-GPU memory and advise how to fit."
+    )
     p.add_argument("--preset", default="gpt2-small", choices=list(PRESETS))
     p.add_argument("--micro_batch", "--per_device_train_batch_size", dest="micro_batch", type=int, default=16)
-    p.add_argument("--seq_len", "--block_size", dest="seq_len", type=int, default=None,
-                   help="Tokens per sequence (default: the preset's n_positions).")
+    p.add_argument(
+        "--seq_len",
+        "--block_size",
+        dest="seq_len",
+        type=int,
+        default=None,
+        help="Tokens per sequence (default: the preset's n_positions).",
+    )
     p.add_argument("--grad_accum", "--gradient_accumulation_steps", dest="grad_accum", type=int, default=1)
     p.add_argument("--precision", default="bf16", choices=list(DTYPE_BYTES))
     p.add_argument("--gradient_checkpointing", action="store_true")
@@ -514,18 +601,32 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--num_gpus", type=int, default=1)
     p.add_argument("--loss_impl", default="chunked", choices=["chunked", "hf"])
     p.add_argument("--attn_implementation", dest="attn_impl", default="sdpa", choices=["sdpa", "eager"])
-    p.add_argument("--vocab_size", type=int, default=None, help="Tokenizer size (default GPT-2's 50257, padded).")
-    p.add_argument("--gpu_memory_gib", type=float, default=None, help="Memory of one GPU; omit for the table only.")
+    p.add_argument(
+        "--vocab_size", type=int, default=None, help="Tokenizer size (default GPT-2's 50257, padded)."
+    )
+    p.add_argument(
+        "--gpu_memory_gib", type=float, default=None, help="Memory of one GPU; omit for the table only."
+    )
     return p
 
 
 def main(argv: list[str] | None = None) -> dict:
     a = _parser().parse_args(argv)
     config = resolve_config(a.preset, a.vocab_size) if a.vocab_size else a.preset
-    kw = dict(config=config, micro_batch=a.micro_batch, seq_len=a.seq_len, precision=a.precision,
-              gradient_checkpointing=a.gradient_checkpointing, optimizer=a.optim, zero_stage=a.zero_stage,
-              fsdp=a.fsdp, num_gpus=a.num_gpus, loss_impl=a.loss_impl, grad_accum=a.grad_accum,
-              attn_impl=a.attn_impl)
+    kw = dict(
+        config=config,
+        micro_batch=a.micro_batch,
+        seq_len=a.seq_len,
+        precision=a.precision,
+        gradient_checkpointing=a.gradient_checkpointing,
+        optimizer=a.optim,
+        zero_stage=a.zero_stage,
+        fsdp=a.fsdp,
+        num_gpus=a.num_gpus,
+        loss_impl=a.loss_impl,
+        grad_accum=a.grad_accum,
+        attn_impl=a.attn_impl,
+    )
     plan = plan_memory(**kw)
     if isinstance(config, GPT2Config):
         plan = replace(plan, model=a.preset)
@@ -535,8 +636,11 @@ def main(argv: list[str] | None = None) -> dict:
         adv = advise(**kw, gpu_memory_gib=a.gpu_memory_gib)
         print("\n" + adv.text())
         result["advice"] = {
-            "fits_as_is": adv.fits_as_is, "found": adv.found, "change": adv.change,
+            "fits_as_is": adv.fits_as_is,
+            "found": adv.found,
+            "change": adv.change,
             "settings": {k: v for k, v in adv.settings.items() if k != "config"},
-            "recommended": adv.recommended.as_dict() if adv.recommended else None, "text": adv.text(),
+            "recommended": adv.recommended.as_dict() if adv.recommended else None,
+            "text": adv.text(),
         }
     return result

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# ONE prepared GPU check for a lent H100/H200 session; total < 8 minutes, every step under its own timeout.
+#
+# Installs NOTHING. Needs a Python with a CUDA build of torch, transformers, accelerate, tokenizers, numpy,
+# safetensors, tqdm and pyyaml (the project's requirements/lock.txt); uses bitsandbytes (8-bit row of the memory
+# grid) and DeepSpeed (ZeRO smoke) only if they are already installed. Set PYTHON to choose the interpreter.
+# Works offline: the engine rows use the built-in corpus and a BPE trained on it (cached in GPT2_TRAINING_CACHE).
+#
+#     OUT=/some/dir bash bench/gpu_check.sh        # outputs go to $OUT, else bench/results
+#
+# Budget: training benchmark with all four measurements + memory grid <= 330 s (four torch.compile warm-ups of
+# gpt2-small are most of it), planner GPU test <= 60 s, DeepSpeed and FSDP 2-step smokes <= 45 s each.
+set -u
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+OUT=${OUT:-bench/results}
+mkdir -p "$OUT"
+export PYTHONPATH=src HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false WANDB_MODE=offline
+export GPT2_TRAINING_CACHE=${GPT2_TRAINING_CACHE:-/tmp/gpt2_training_cache}
+start=$(date +%s)
+status() { echo "[gpu_check +$(( $(date +%s) - start ))s] $*" | tee -a "$OUT/gpu_check.log"; }
+
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
+$PY -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
+'transformers', transformers.__version__, 'gpu', torch.cuda.get_device_name())" 2>&1 | tee "$OUT/env.txt"
+
+status "1/4 training benchmark (seed, recipe, reference, engine vs raw) + memory grid, gpt2-small, seq 1024"
+timeout 330 $PY bench/bench_training.py --device cuda --preset gpt2-small --seq_len 1024 --micro_batch 16 \
+  --steps 20 --warmup 5 --engine_steps 30 --repeats 1 --memory_grid --out "$OUT/training-gpu.json" \
+  > "$OUT/training-gpu.stdout" 2> "$OUT/training-gpu.log"
+status "bench_training exit $?"; cat "$OUT/training-gpu.md" 2>/dev/null
+
+status "2/4 planner: measured vs predicted on the GPU (pytest -m gpu)"
+timeout 60 $PY -m pytest -q -p no:cacheprovider tests/test_planner.py -k gpu > "$OUT/pytest-gpu.log" 2>&1
+status "pytest exit $?"; tail -3 "$OUT/pytest-gpu.log"
+
+SMOKE=(01-Full-Fine-Tuning/train.py --config 01-Full-Fine-Tuning/configs/tiny.yaml --max_steps 2 --save_steps 2
+       --eval_steps 0 --plot false --save_final_model false --sample_max_new_tokens 4 --eval_max_sequences 8
+       --resume never --overwrite_output_dir --report_to none)
+if $PY -c "import deepspeed" 2>/dev/null; then
+  status "3/4 DeepSpeed ZeRO-2 smoke (1 process, 2 steps)"
+  cat > "$OUT/ds_zero2.json" <<'JSON'
+{"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 2},
+ "bf16": {"enabled": true}, "gradient_clipping": 1.0}
+JSON
+  timeout 45 $PY -m torch.distributed.run --standalone --nproc_per_node 1 "${SMOKE[@]}" \
+    --deepspeed "$OUT/ds_zero2.json" --precision bf16 --output_dir "$OUT/smoke-deepspeed" > "$OUT/smoke-deepspeed.log" 2>&1
+  status "deepspeed smoke exit $?"; tail -3 "$OUT/smoke-deepspeed.log"
+else
+  status "3/4 DeepSpeed not installed: ZeRO smoke skipped"
+fi
+
+status "4/4 FSDP smoke through accelerate launch (1 process, 2 steps)"
+timeout 45 $PY -m accelerate.commands.launch --num_processes 1 --use_fsdp --mixed_precision bf16 \
+  --fsdp_sharding_strategy FULL_SHARD --fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP \
+  --fsdp_transformer_layer_cls_to_wrap GPT2Block "${SMOKE[@]}" --precision bf16 \
+  --output_dir "$OUT/smoke-fsdp" > "$OUT/smoke-fsdp.log" 2>&1
+status "fsdp smoke exit $?"; tail -3 "$OUT/smoke-fsdp.log"
+
+rm -rf "$OUT/smoke-deepspeed" "$OUT/smoke-fsdp"
+status "done in $(( $(date +%s) - start )) s; results in $OUT"
