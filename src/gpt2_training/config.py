@@ -142,7 +142,11 @@ class GPT2TrainingArguments(TrainingArguments):
     save_steps: float = field(default=200, metadata={"help": "Write an atomic checkpoint every N steps."})
     save_total_limit: int | None = field(default=2, metadata={"help": "Keep this many newest checkpoints."})
     seed: int = field(default=1337, metadata={"help": "Seed for initialisation, dropout and data order."})
-    report_to: None | str | list[str] = field(default="none", metadata={"help": "none, tensorboard, wandb (offline without a key)."})
+    report_to: None | str | list[str] = field(
+        default="none",
+        metadata={"help": "none, tensorboard, wandb (offline without a key); several: --report_to wandb tensorboard.",
+                  "nargs": "+"},  # without it the parser keeps only the first name
+    )
     dataloader_num_workers: int = field(default=0, metadata={"help": "Unused: the data pipeline runs in-process."})
 
 

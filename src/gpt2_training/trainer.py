@@ -165,6 +165,7 @@ class Engine:
         )
         self.is_main = self.acc.is_main_process
         self.out = Path(t.output_dir)
+        self.signals = _SignalFlag()  # installed around the loop and the final evaluation
 
     # -- set-up -------------------------------------------------------------------------------------------------
     def _prepare_output_dir(self) -> Path | None:
@@ -215,7 +216,11 @@ class Engine:
         self.model, self.optimizer = self.acc.prepare(wrapped, optimizer)
         if t.torch_compile:
             self.model = torch.compile(self.model)
-        self.scheduler = build_scheduler(self.optimizer, t)
+        # Accelerate's optimizer wrapper is needed for fp16 loss scaling and DeepSpeed; otherwise it only adds
+        # per-step Python overhead (measured in bench/bench_training.py), so step the torch optimizer directly.
+        plain = self.acc.scaler is None and not self.ds
+        self._raw_optimizer = self.optimizer.optimizer if plain else self.optimizer
+        self.scheduler = build_scheduler(self._raw_optimizer, t)
         self.world, self.rank = self.acc.num_processes, self.acc.process_index
         self.train_data = train_stream(cfg.data, self.tokenizer, t.seed, self.rank, self.world)
         self.val_seqs = validation_sequences(cfg.data, self.tokenizer, t.seed)
@@ -223,7 +228,7 @@ class Engine:
         self.fingerprint = _fingerprint(cfg, self.tokenizer, self.world)
         self.step, self.tokens_seen, self.skipped, self.bad_in_a_row = 0, 0, 0, 0
         self.saved_state: tuple[int, int] | None = None  # (step, tokens_seen) of the newest checkpoint
-        self.signals = _SignalFlag()
+        self.saved_path: Path | None = None
         self.reporter = Reporter(self.out, _report_to(t.report_to), cfg.to_dict(), enabled=self.is_main)
 
     # -- checkpoints --------------------------------------------------------------------------------------------
@@ -265,14 +270,15 @@ class Engine:
 
             path = ckpt.save_checkpoint(self.out, self.step, write, self.cfg.train.save_total_limit)
         self.acc.wait_for_everyone()
-        self.saved_state = (self.step, self.tokens_seen)
+        self.saved_state, self.saved_path = (self.step, self.tokens_seen), path
         return path
 
-    def save_if_changed(self) -> None:
-        """Save unless the newest checkpoint already holds this exact state (same step and data position):
-        rewriting it would only open a window in which that step exists as a temporary folder alone."""
+    def save_if_changed(self) -> Path | None:
+        """Save unless the newest checkpoint already holds this exact state (same step and data position),
+        e.g. on a signal right after a periodic save: rewriting it would only cost time."""
         if self.saved_state != (self.step, self.tokens_seen):
             self.save()
+        return self.saved_path
 
     def load(self, path: Path) -> None:
         problem = ckpt.verify(path)
@@ -299,7 +305,7 @@ class Engine:
             torch.cuda.set_rng_state_all(rng["cuda_rng"])
         random.setstate(_py_rng_from_json(rank_json["python_rng"]))
         self.step, self.tokens_seen, self.skipped = state["step"], state["tokens_seen"], state["skipped_steps"]
-        self.saved_state = (self.step, self.tokens_seen)
+        self.saved_state, self.saved_path = (self.step, self.tokens_seen), path
 
     # -- evaluation and samples ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -356,7 +362,8 @@ class Engine:
 
     # -- the loop -----------------------------------------------------------------------------------------------
     def _stop_requested(self) -> bool:
-        """A SIGTERM/SIGINT has arrived (on any process: all must stop at the same step to save together)."""
+        """A SIGTERM/SIGINT has arrived, on any process: all must stop at the same step to save together (one
+        scalar all-reduce per step; the loop synchronises on the loss anyway)."""
         pending = torch.tensor(float(self.signals.signum is not None), device=self.acc.device)
         if self.world > 1:
             pending = self.acc.reduce(pending, reduction="sum")
@@ -404,8 +411,11 @@ class Engine:
         save_every = int(t.save_steps) if t.save_steps else 0
         window_tokens, window_time = 0, 0.0
         self.model.train()
-        with _SignalFlag() as sig:
+        stopped = False
+        with self.signals:
             while self.step < t.max_steps:
+                if stopped := self._stop_requested():  # a SIGTERM/SIGINT: stop here, between two steps
+                    break
                 t0 = time.perf_counter()
                 loss_sum = torch.zeros((), device=self.acc.device)
                 for micro in range(A):
@@ -432,8 +442,8 @@ class Engine:
                 if not (math.isfinite(loss_f) and math.isfinite(norm_f)) and not self._fp16_overflow(loss_f):
                     self._skip_step(loss_f, norm_f, res)
                     continue
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                self._raw_optimizer.step()
+                self._raw_optimizer.zero_grad(set_to_none=True)
                 if self.acc.optimizer_step_was_skipped:  # fp16 overflow: the scaler lowered its scale
                     self.skipped += 1
                     self._log({"event": "fp16_overflow", "step": self.step, "scale": self.acc.scaler.get_scale()})
@@ -459,15 +469,14 @@ class Engine:
                     window_tokens, window_time = 0, 0.0
                 if eval_every and self.step % eval_every == 0 and self.step < t.max_steps:
                     ev = self.evaluate()
-                    res.evals.append({"step": self.step, **ev})
-                    self._log({"event": "eval", "step": self.step, **ev})
-                    if self.is_main and cfg.run.sample_prompts:
-                        self._log({"event": "sample", "step": self.step, "text": self.sample(self.step)[0]})
+                    if ev is not None:  # None: interrupted by a signal, which the loop condition handles
+                        res.evals.append({"step": self.step, **ev})
+                        self._log({"event": "eval", "step": self.step, **ev})
+                        if self.is_main and cfg.run.sample_prompts:
+                            self._log({"event": "sample", "step": self.step, "text": self.sample(self.step)[0]})
                 if save_every and self.step % save_every == 0:
                     self.save()
-                if sig.signum is not None:
-                    break
-        return self._finish(res, sig.signum)
+            return self._finish(res, stopped)
 
     def _fp16_overflow(self, loss_f: float) -> bool:
         """An inf gradient with a finite loss under fp16 is the scaler's business, not a bad step."""
@@ -490,19 +499,22 @@ class Engine:
                 f"{self.out} is intact. Lower --learning_rate, raise --warmup_steps, check the data, or use bf16"
             )
 
-    def _finish(self, res: TrainResult, signum: int | None) -> TrainResult:
+    def _finish(self, res: TrainResult, stopped: bool) -> TrainResult:
+        """Final checkpoint, evaluation, samples and model; on a signal (`stopped`, or one arriving during the
+        final evaluation) only the checkpoint, then the exit status 128 + signal number."""
         res.step, res.tokens_seen, res.skipped_steps = self.step, self.tokens_seen, self.skipped
         res.data_stats = dict(self.train_data.stats)
-        if signum is not None:
-            path = self.save()
+        if not stopped and self.cfg.train.save_steps:
+            self.save_if_changed()  # the final step is always resumable (and extendable with a larger --max_steps)
+        res.final_eval = None if stopped else self.evaluate()
+        if res.final_eval is None:
+            path = self.save_if_changed()  # a signal always leaves a checkpoint, whatever --save_steps says
+            signum = self.signals.signum or signal.SIGTERM  # None on a process that only heard of another's
             res.stopped_by_signal, res.exit_code = signum, EXIT_CODES[signum]
             if self.is_main:
                 print(f"received signal {signum}: saved {path}; run the same command to resume", flush=True)
             self.reporter.close()
             return res
-        if self.cfg.train.save_steps and self.step % int(self.cfg.train.save_steps):
-            self.save()  # the final step is always resumable (and extendable with a larger --max_steps)
-        res.final_eval = self.evaluate()
         self._log({"event": "eval", "step": self.step, **res.final_eval})
         if self.is_main:
             res.samples = self.sample(seed=self.cfg.train.seed)

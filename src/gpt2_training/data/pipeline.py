@@ -230,3 +230,5 @@ class TokenStream:
         self.buffer = [row.astype(self.dtype) for row in arrays["buffer"]]
         self.ready = [row.astype(self.dtype) for row in arrays["ready"]]
         self._pieces, self._pending = None, None
+        if self.cursor.position is not None:
+            self._open()  # seek now, so data that no longer reaches the saved position fails at resume time
