@@ -74,3 +74,13 @@ def test_tokens_are_refused_but_tokenizer_flags_are_not():
 def test_to_dict_has_no_token_fields():
     d = parse_config([]).to_dict()
     assert "hub_token" not in d and d["per_device_train_batch_size"] == 16
+
+
+def test_training_arguments_precision_switches_are_honoured_or_refused():
+    assert parse_config(["--fp16", "true"]).run.precision == "fp16"
+    with pytest.raises(ConfigError, match="contradicts"):
+        parse_config(["--bf16", "true", "--precision", "fp32"])
+    cfg = parse_config(["--bf16", "true"])
+    assert cfg.run.precision == "bf16"
+    with pytest.raises(ConfigError, match="bf16 is not supported on this hardware"):
+        validate(cfg, cuda_available=False, bf16_ok=False)

@@ -72,9 +72,10 @@ def parse_config(argv: list[str] | None = None, **overrides: Any) -> Config:
     unknown = sorted(set(defaults) - known)
     if unknown:
         raise ConfigError(f"unknown setting(s) {', '.join(unknown)}: see `train.py --help` for the names")
-    p.set_defaults(**{k: v for k, v in defaults.items()})
     if not _cuda():
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+        defaults.setdefault("use_cpu", True)  # lets TrainingArguments accept --bf16 on a CPU; we validate it
+    p.set_defaults(**defaults)
     try:
         model, data, run, train, *_extra, _rest = p.parse_args_into_dataclasses(
             args=argv, return_remaining_strings=True
@@ -83,7 +84,19 @@ def parse_config(argv: list[str] | None = None, **overrides: Any) -> Config:
         raise ConfigError(str(exc)) from exc
     if _rest:
         raise ConfigError(f"unknown argument(s) {' '.join(_rest)}: see `train.py --help`")
+    _precision_from_training_args(run, train)
     return Config(model=model, data=data, run=run, train=train)
+
+
+def _precision_from_training_args(run, train) -> None:
+    """Honour TrainingArguments' own `--bf16` / `--fp16` switches as `--precision`, refusing contradictions."""
+    asked = [name for name in ("bf16", "fp16") if getattr(train, name)]
+    if len(asked) > 1:
+        raise ConfigError("--bf16 and --fp16 are both set: choose one (or use --precision)")
+    if asked and run.precision not in ("auto", asked[0]):
+        raise ConfigError(f"--{asked[0]} contradicts --precision {run.precision}: keep one of them")
+    if asked:
+        run.precision = asked[0]
 
 
 def _cuda() -> bool:
