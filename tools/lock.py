@@ -110,9 +110,15 @@ def pip_index_url() -> str:
             break
         if out.returncode == 0 and out.stdout.strip():
             return out.stdout.strip().splitlines()[-1].strip()
-    from pip._internal.models.index import PyPI  # pip's own default, not spelled out here
-
-    return PyPI.simple_url
+    # pip's own default, not spelled out here; asked in a child process because importing pip changes how
+    # setuptools' distutils shim behaves in the importing process (torch.compile's C++ builds then fail)
+    out = subprocess.run(
+        [sys.executable, "-c", "from pip._internal.models.index import PyPI; print(PyPI.simple_url)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return out.stdout.strip()
 
 
 # --------------------------------------------------------------------------------------
