@@ -431,27 +431,99 @@ def run_raw_once(a, device) -> dict:
     }
 
 
+def run_hf_trainer_once(a, device) -> dict:
+    """`transformers.Trainer` with the same model (and loss), optimizer, schedule, clipping and pre-tokenized data:
+    the alternative this project's loop was measured against."""
+    import numpy as np
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from gpt2_training.data import resolve_tokenizer, train_stream
+    from gpt2_training.model import CausalLMWithLoss, build_model
+    from gpt2_training.precision import resolve_precision
+
+    class WithLossDict(torch.nn.Module):
+        """Trainer expects a dict with a 'loss'; the model and its loss are the project's own."""
+
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids):
+            return {"loss": self.inner(input_ids)}
+
+    stamps: list[float] = []
+
+    class Stamp(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            if device.type == "cuda" and len(stamps) in (a.warmup, a.warmup + a.engine_steps):
+                torch.cuda.synchronize()
+            stamps.append(time.perf_counter())
+
+    total = a.warmup + a.engine_steps + 1
+    with tempfile.TemporaryDirectory() as tmp, PeakMemory(device) as mem:
+        cfg = _engine_config(a, device, tmp, total)
+        t = cfg.train
+        torch.manual_seed(t.seed)
+        tok = resolve_tokenizer(cfg.data, seed=t.seed)
+        stream = train_stream(cfg.data, tok, t.seed)
+        rows = [torch.from_numpy(next(stream).astype(np.int64)) for _ in range(total * a.micro_batch)]
+        torch.manual_seed(t.seed)
+        lm = build_model(cfg.model, len(tok), tok.eos_token_id)
+        lm.config.use_cache = False
+        model = WithLossDict(CausalLMWithLoss(lm, cfg.model.loss_impl))
+        precision, _ = resolve_precision(cfg.run.precision)
+        args = TrainingArguments(
+            output_dir=tmp, per_device_train_batch_size=a.micro_batch, max_steps=total, learning_rate=t.learning_rate,
+            weight_decay=t.weight_decay, adam_beta2=t.adam_beta2, max_grad_norm=t.max_grad_norm, warmup_steps=1,
+            lr_scheduler_type="cosine", optim="adamw_torch_fused", logging_steps=10**9, save_strategy="no",
+            report_to="none", disable_tqdm=True, use_cpu=device.type == "cpu", bf16=precision == "bf16",
+            fp16=precision == "fp16", torch_compile=t.torch_compile, remove_unused_columns=False,
+            dataloader_num_workers=0, seed=t.seed,
+        )
+        trainer = Trainer(model=model, args=args, train_dataset=[{"input_ids": r} for r in rows],
+                          callbacks=[Stamp()])
+        with contextlib.redirect_stdout(sys.stderr):
+            trainer.train()
+        _sync(device)
+    secs = stamps[a.warmup + a.engine_steps] - stamps[a.warmup]
+    _reset_compile()
+    return {
+        "seconds": secs,
+        "tokens": a.micro_batch * a.seq_len * a.engine_steps,
+        "precision": precision,
+        "memory": mem,
+        "step_s": _step_times(stamps, a),
+    }
+
+
 def _step_times(stamps: list[float], a) -> list[float]:
     timed = stamps[a.warmup : a.warmup + a.engine_steps + 1]
     return [b - x for x, b in zip(timed, timed[1:], strict=False)]
 
 
 def run_engine_vs_raw(a, device, shape) -> list[dict]:
-    engine, raw = [], []
+    engine, raw, hf = [], [], []
     for r in range(a.repeats):  # interleaved, alternating which goes first, to spread machine noise over both
         order = (run_engine_once, run_raw_once) if r % 2 == 0 else (run_raw_once, run_engine_once)
         for fn in order:
             (engine if fn is run_engine_once else raw).append(fn(a, device))
+        if not a.no_hf_trainer:
+            hf.append(run_hf_trainer_once(a, device))
     n = raw[0]["n_params"]
     rows = []
-    for name, runs in (("engine", engine), ("raw", raw)):
+    what = {
+        "engine": "gpt2_training.trainer.train(cfg): Engine loop with its data pipeline",
+        "raw": "raw PyTorch loop, same model/optimizer/schedule/clipping, pre-tokenized data",
+        "hf_trainer": "transformers.Trainer, same model/loss/optimizer/schedule/clipping, pre-tokenized data",
+    }
+    for name, runs in (("engine", engine), ("raw", raw), ("hf_trainer", hf)):
+        if not runs:
+            continue
         tps = [x["tokens"] / x["seconds"] for x in runs]
         best = runs[tps.index(statistics.median(tps))] if len(tps) % 2 else runs[0]
         row = _row(
             name,
-            "gpt2_training.trainer.train(cfg): Engine loop with its data pipeline"
-            if name == "engine"
-            else "raw PyTorch loop, same model/optimizer/schedule/clipping, pre-tokenized data",
+            what[name],
             1,
             1 / statistics.median(tps),
             n,
@@ -479,6 +551,10 @@ def run_engine_vs_raw(a, device, shape) -> list[dict]:
     }
     rows[0]["overhead_ratio_median_step"] = med["e"] / med["r"]
     rows[0]["median_step_s"], rows[1]["median_step_s"] = med["e"], med["r"]
+    if hf:
+        hf_step = statistics.median([d for x in hf for d in x["step_s"]])
+        rows[2]["median_step_s"] = hf_step
+        rows[2]["overhead_ratio_median_step"] = hf_step / med["r"]  # the Trainer's step vs the raw loop's
     return rows
 
 
@@ -586,6 +662,12 @@ def markdown(result: dict) -> str:
             f"{1000 * eng['median_step_s']:.2f} ms vs {1000 * raw_step:.2f} ms raw "
             f"= **{eng['overhead_ratio_median_step']:.3f}x**",
         ]
+    hf_row = next((r for r in result["rows"] if r["name"] == "hf_trainer"), None)
+    if hf_row:
+        lines.append(
+            f"transformers.Trainer, same model and data: median step {1000 * hf_row['median_step_s']:.2f} ms "
+            f"= **{hf_row['overhead_ratio_median_step']:.3f}x** the raw loop's"
+        )
     if result.get("memory_grid"):
         lines += [
             "",
@@ -625,6 +707,7 @@ def parse_args(argv=None):
     p.add_argument("--engine_vocab", type=int, default=1024, help="built-in BPE size for the engine/raw rows")
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
     p.add_argument("--no_compile", action="store_true", help="never torch.compile (GPU)")
+    p.add_argument("--no_hf_trainer", action="store_true", help="skip the transformers.Trainer row")
     p.add_argument(
         "--threads",
         type=int,

@@ -1,8 +1,10 @@
 """The training engine: a lean loop on Hugging Face Accelerate, configured with `TrainingArguments`.
 
-Why not `transformers.Trainer`? Measured in `bench/bench_training.py` and by the issues' goals: the Trainer's
-step costs ~20% more than a raw PyTorch step on a CPU and ~27% fewer tokens/s on an H200; it writes checkpoints
-in place, resumes a stream by replaying every consumed batch and masks NaN losses in its logs. This loop keeps the
+Why not `transformers.Trainer`? The goals are speed, exact resume and atomic checkpoints, and the Trainer
+misses the last two by design: it writes checkpoints in place (a half-written one can be picked for resume),
+resumes a stream by replaying every consumed batch, loses a `datasets` shuffle buffer on resume and masks NaN
+losses in its logs. Speed is measured, not assumed: `bench/bench_training.py` times this loop against a raw
+PyTorch loop with the same model (its overhead ratio is in `bench/results/`). This loop keeps the
 Trainer's vocabulary (every setting is a `TrainingArguments` field) and its launchers (torchrun, `accelerate
 launch`, DeepSpeed and FSDP through Accelerate), and adds what it lacks:
 
