@@ -17,7 +17,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "01-Full-Fine-Tuning").glob("*.ipynb"))
 NB_IDS = [p.name for p in NOTEBOOKS]
-NBVAL_TIMEOUT_S = 900  # the tiny profile needs ~1 minute of compute; a shared 2-core machine can be much slower
+NBVAL_TIMEOUT_S = (
+    900  # the tiny profile needs ~1 minute of compute; a shared 2-core machine can be much slower
+)
 
 
 def _cleaner():
@@ -57,7 +59,9 @@ def test_committed_notebook_is_clean(path):
 def test_only_the_settings_cell_looks_at_the_environment(path):
     code = [c for c in _cells(path) if c["cell_type"] == "code"]
     settings = [c for c in code if "parameters" in c["metadata"].get("tags", [])]
-    assert len(settings) == 1 and code[0] is settings[0], "the first code cell, and only it, is tagged `parameters`"
+    assert len(settings) == 1 and code[0] is settings[0], (
+        "the first code cell, and only it, is tagged `parameters`"
+    )
     assert "choose_profile(" in _text(settings[0])
     env_probe = re.compile(r"os\.environ|getenv|cuda\.is_available|GPT2_TUTORIAL_|platform\.|socket\.")
     offenders = [_text(c)[:60] for c in code[1:] if env_probe.search(_text(c))]
@@ -75,21 +79,36 @@ def test_committed_outputs_state_their_profile_and_hardware(path):
     hardware = re.search(r"^hardware: (.+)$", out, re.M)
     assert profile and hardware, "the committed notebook has no output from its settings cell: execute it"
     assert f"`{profile.group(1)}` profile" in intro and hardware.group(1).split(",")[0] in intro
-    assert all(c.get("outputs") for c in cells if c["cell_type"] == "code"), "every code cell has committed output"
+    assert all(c.get("outputs") for c in cells if c["cell_type"] == "code"), (
+        "every code cell has committed output"
+    )
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("nbval") is None, reason="nbval is not installed (dev dependencies)")
+@pytest.mark.skipif(
+    importlib.util.find_spec("nbval") is None, reason="nbval is not installed (dev dependencies)"
+)
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=NB_IDS)
 def test_notebook_executes_on_the_tiny_profile(path, env, tmp_path):
     """Every cell runs without error on the tiny profile, and the `# NBVAL_CHECK_OUTPUT` cells (parameter counts,
     tokenizer round trip, config validation) print exactly what the committed notebook shows."""
     run_env = {**env, "GPT2_TUTORIAL_PROFILE": "tiny", "GPT2_TUTORIAL_OUTPUT_DIR": str(tmp_path / "runs")}
-    cmd = [sys.executable, "-m", "pytest", "--nbval-lax", "--nbval-cell-timeout", "600", "-p", "no:cacheprovider",
-           "-q", str(path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "--nbval-lax",
+        "--nbval-cell-timeout",
+        "600",
+        "-p",
+        "no:cacheprovider",
+        "-q",
+        str(path),
+    ]
     start = time.monotonic()
-    proc = subprocess.run(cmd, env=run_env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=NBVAL_TIMEOUT_S)
+    proc = subprocess.run(cmd, env=run_env, cwd=ROOT, capture_output=True, text=True, timeout=NBVAL_TIMEOUT_S)
     took = time.monotonic() - start
-    assert proc.returncode == 0, f"nbval failed after {took:.0f}s:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, (
+        f"nbval failed after {took:.0f}s:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
+    )
     print(f"{path.name}: executed on the tiny profile in {took:.0f}s")

@@ -14,9 +14,21 @@ from gpt2_training.cli import parse_config
 from gpt2_training.config import validate
 from gpt2_training.errors import ConfigError
 
-TINY = dict(preset="tiny", dataset="builtin", tokenizer_vocab_size=1024, block_size=32, per_device_train_batch_size=4,
-            per_device_eval_batch_size=4, max_steps=2, logging_steps=1, warmup_steps=1, eval_max_sequences=4,
-            sample_prompts=["The"], sample_max_new_tokens=2, precision="fp32")
+TINY = dict(
+    preset="tiny",
+    dataset="builtin",
+    tokenizer_vocab_size=1024,
+    block_size=32,
+    per_device_train_batch_size=4,
+    per_device_eval_batch_size=4,
+    max_steps=2,
+    logging_steps=1,
+    warmup_steps=1,
+    eval_max_sequences=4,
+    sample_prompts=["The"],
+    sample_max_new_tokens=2,
+    precision="fp32",
+)
 
 
 def test_choose_profile_takes_the_name_from_the_environment_and_says_why(monkeypatch, capsys, tmp_path):
@@ -59,7 +71,9 @@ def test_every_run_of_every_profile_has_valid_settings(name, monkeypatch, tmp_pa
     gpu = name == "gpu"
     for part in ("main_run", "techniques", "slow_run", "lr_sweep", "launch"):
         base = tutorial.settings_for(profile, part, part)
-        variants = {"techniques": tutorial.TECHNIQUES, "slow_run": tutorial.SLOW_RUN_CURES}.get(part, {"": {}})
+        variants = {"techniques": tutorial.TECHNIQUES, "slow_run": tutorial.SLOW_RUN_CURES}.get(
+            part, {"": {}}
+        )
         for change in tutorial.resolve_variants(variants, base).values():
             settings = {**base, **change}
             if change.get("precision") == "bf16" and not gpu:
@@ -69,8 +83,11 @@ def test_every_run_of_every_profile_has_valid_settings(name, monkeypatch, tmp_pa
 
 
 def test_settings_for_layers_base_part_and_overrides(tmp_path):
-    profile = {"base": {"block_size": 64, "n_layer": 4}, "main": {"max_steps": 5, "n_layer": None},
-               "output_root": str(tmp_path)}
+    profile = {
+        "base": {"block_size": 64, "n_layer": 4},
+        "main": {"max_steps": 5, "n_layer": None},
+        "output_root": str(tmp_path),
+    }
     s = tutorial.settings_for(profile, "main", "run", max_steps=7)
     assert s["block_size"] == 64 and s["max_steps"] == 7 and "n_layer" not in s
     assert s["output_dir"] == str(tmp_path / "run") and s["resume"] == "never"
@@ -78,7 +95,9 @@ def test_settings_for_layers_base_part_and_overrides(tmp_path):
 
 def test_resolve_variants_scales_the_micro_batch():
     out = tutorial.resolve_variants(tutorial.SLOW_RUN_CURES, {"per_device_train_batch_size": 16})
-    batches = [(v.get("per_device_train_batch_size"), v.get("gradient_accumulation_steps")) for v in out.values()]
+    batches = [
+        (v.get("per_device_train_batch_size"), v.get("gradient_accumulation_steps")) for v in out.values()
+    ]
     assert batches[0] == (2, 8) and batches[1] == (16, 1)
     assert all(mb * acc == 16 for mb, acc in batches if mb is not None)
 
@@ -97,7 +116,9 @@ def test_compare_techniques_returns_a_row_per_variant_with_measured_speed(env, t
         assert rows[name]["speed vs first"].endswith("x")
     assert rows["baseline"]["speed vs first"] == "1.00x"
     # same effective batch, same data, same seed: accumulation computes the same losses
-    assert rows["accumulation"]["final train loss"] == pytest.approx(rows["baseline"]["final train loss"], rel=1e-4)
+    assert rows["accumulation"]["final train loss"] == pytest.approx(
+        rows["baseline"]["final train loss"], rel=1e-4
+    )
     if torch.cuda.is_available():
         assert rows["fp16"]["tokens/s"] > 0
     else:
@@ -143,15 +164,21 @@ def test_preview_source_reads_a_reachable_source(env, tmp_path, capsys):
 
 def test_config_problems_show_the_package_message():
     problems = tutorial.config_problems(preset="gpt2-small", n_embd=768, n_head=10)
-    assert problems == ["n_embd=768 is not divisible by n_head=10: each head gets n_embd/n_head dimensions, "
-                        "so pick e.g. n_head=8"]
+    assert problems == [
+        "n_embd=768 is not divisible by n_head=10: each head gets n_embd/n_head dimensions, "
+        "so pick e.g. n_head=8"
+    ]
     assert tutorial.config_problems(preset="gpt2-small") == []
 
 
 def test_parameter_table_has_the_published_sizes():
     rows = {r["preset"]: r["parameters"] for r in tutorial.parameter_table().rows}
-    assert rows == {"gpt2-small": "124.5 M", "gpt2-medium": "354.9 M", "gpt2-large": "774.1 M",
-                    "gpt2-xl": "1557.7 M"}
+    assert rows == {
+        "gpt2-small": "124.5 M",
+        "gpt2-medium": "354.9 M",
+        "gpt2-large": "774.1 M",
+        "gpt2-xl": "1557.7 M",
+    }
 
 
 def test_memory_table_adds_up_from_the_planner():
@@ -178,7 +205,9 @@ def test_round_trip_reports_exact_text(capsys):
 def test_gpu_benchmark_is_pending_without_a_gpu_record(tmp_path):
     """bench/run_all.py's CPU record (machine.gpu null) is not a GPU figure."""
     (tmp_path / "cpu-amd-epyc-2cpu.md").write_text("Machine: AMD EPYC, GPU: none\n| row | tokens/s |\n")
-    (tmp_path / "cpu-amd-epyc-2cpu.json").write_text(json.dumps({"machine": {"cpu": "AMD EPYC", "gpu": None}}))
+    (tmp_path / "cpu-amd-epyc-2cpu.json").write_text(
+        json.dumps({"machine": {"cpu": "AMD EPYC", "gpu": None}})
+    )
     assert "GPU run pending" in tutorial.gpu_benchmark(tmp_path).data
     assert "GPU run pending" in tutorial.gpu_benchmark(tmp_path / "missing").data
 
@@ -205,5 +234,10 @@ def test_push_to_hub_is_skipped_offline_or_without_a_token(monkeypatch, tmp_path
 
 def test_table_renders_markdown_and_text():
     t = tutorial.Table([{"a": 1234.5, "b": None}, {"a": 0.5, "b": "x|y"}], caption="cap")
-    assert t._repr_markdown_().splitlines()[2:] == ["| a | b |", "|---|---|", "| 1,234 | - |", "| 0.5 | x\\|y |"]
+    assert t._repr_markdown_().splitlines()[2:] == [
+        "| a | b |",
+        "|---|---|",
+        "| 1,234 | - |",
+        "| 0.5 | x\\|y |",
+    ]
     assert repr(t).splitlines() == ["cap", "a      b", "1,234  -", "0.5    x|y"]

@@ -15,8 +15,8 @@ import io
 import json
 import math
 import os
-import re
 import shlex
+import statistics
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -32,8 +32,15 @@ OUTPUT_ENV = "GPT2_TUTORIAL_OUTPUT_DIR"  # where the notebook's runs go (default
 MIB = 1 << 20
 
 # Settings that only make a measurement run quieter and cheaper; they change neither speed nor memory per step.
-_QUICK_RUN = dict(save_steps=0, save_final_model=False, plot=False, resume="never", overwrite_output_dir=True,
-                  report_to="none", eval_steps=0)
+_QUICK_RUN = dict(
+    save_steps=0,
+    save_final_model=False,
+    plot=False,
+    resume="never",
+    overwrite_output_dir=True,
+    report_to="none",
+    eval_steps=0,
+)
 
 # The technique variants of section 5. Each is a change to the profile's `techniques` base settings; the base is
 # fp32 AdamW with clipping, warmup and cosine, so each row shows what one switch does on its own.
@@ -41,7 +48,10 @@ TECHNIQUES: dict[str, dict[str, Any]] = {
     "baseline: fp32, AdamW, clip 1.0, warmup + cosine": {},
     "mixed precision (bf16 autocast)": {"precision": "bf16"},
     "gradient checkpointing": {"gradient_checkpointing": True},
-    "accumulation: half micro-batch x 2": {"per_device_train_batch_size": 0.5, "gradient_accumulation_steps": 2},
+    "accumulation: half micro-batch x 2": {
+        "per_device_train_batch_size": 0.5,
+        "gradient_accumulation_steps": 2,
+    },
     "8-bit AdamW (bitsandbytes)": {"optim": "adamw_bnb_8bit"},
     "no gradient clipping": {"max_grad_norm": 0.0},
     "no warmup, constant learning rate": {"warmup_steps": 0, "lr_scheduler_type": "constant"},
@@ -50,8 +60,12 @@ TECHNIQUES: dict[str, dict[str, Any]] = {
 # Section 8's slow run: tiny micro-batches made up by accumulation, the unfused attention and the loss that
 # builds the whole [tokens, vocab] logits; then one cure at a time, and all of them together. The effective batch
 # (micro-batch x accumulation) is the same in every row, so every row does the same work per optimizer step.
-SLOW_RUN: dict[str, Any] = {"per_device_train_batch_size": 0.125, "gradient_accumulation_steps": 8,
-                            "attn_implementation": "eager", "loss_impl": "hf"}
+SLOW_RUN: dict[str, Any] = {
+    "per_device_train_batch_size": 0.125,
+    "gradient_accumulation_steps": 8,
+    "attn_implementation": "eager",
+    "loss_impl": "hf",
+}
 _FULL_BATCH = {"per_device_train_batch_size": 1.0, "gradient_accumulation_steps": 1}
 SLOW_RUN_CURES: dict[str, dict[str, Any]] = {
     "slow: micro-batch 1/8 x 8 accumulation, eager attention, full-logits loss": SLOW_RUN,
@@ -63,66 +77,185 @@ SLOW_RUN_CURES: dict[str, dict[str, Any]] = {
 
 
 def _common(vocab: int, block: int, batch: int, lr: float) -> dict[str, Any]:
-    return dict(dataset="builtin", tokenizer="train", tokenizer_vocab_size=vocab, block_size=block,
-                per_device_train_batch_size=batch, per_device_eval_batch_size=batch, learning_rate=lr,
-                weight_decay=0.1, max_grad_norm=1.0, lr_scheduler_type="cosine", seed=1337, report_to="none",
-                sample_prompts=["The", "Return the"], precision="auto", plot=False)
+    return dict(
+        dataset="builtin",
+        tokenizer="train",
+        tokenizer_vocab_size=vocab,
+        block_size=block,
+        per_device_train_batch_size=batch,
+        per_device_eval_batch_size=batch,
+        learning_rate=lr,
+        weight_decay=0.1,
+        max_grad_norm=1.0,
+        lr_scheduler_type="cosine",
+        seed=1337,
+        report_to="none",
+        sample_prompts=["The", "Return the"],
+        precision="auto",
+        plot=False,
+    )
 
 
 PROFILES: dict[str, dict[str, Any]] = {
     "tiny": {
-        "description": "a 0.2 M-parameter model for seconds per run: what the tests execute",
-        "base": {**_common(1024, 64, 8, 3e-3), "preset": "tiny", "eval_max_sequences": 16,
-                 "sample_max_new_tokens": 16},
-        "main_run": {"max_steps": 40, "warmup_steps": 4, "logging_steps": 5, "eval_steps": 20, "save_steps": 20},
-        "techniques": {"max_steps": 6, "logging_steps": 3, "precision": "fp32", "warmup_steps": 2},
-        "slow_run": {"max_steps": 4, "logging_steps": 2, "precision": "fp32", "warmup_steps": 1},
-        "lr_sweep": {"learning_rates": [1e-5, 3e-3, 1.0], "max_steps": 24, "logging_steps": 1, "warmup_steps": 2,
-                     "eval_steps": 0, "precision": "fp32"},
-        "launch": {"max_steps": 4, "logging_steps": 2, "eval_steps": 0, "warmup_steps": 1, "save_steps": 4, "precision": "fp32",
-                   "eval_max_sequences": 8, "sample_max_new_tokens": 8},
+        "description": "the smallest preset (2 layers, 64 wide) for seconds per run: what the tests execute",
+        "base": {
+            **_common(1024, 64, 8, 3e-3),
+            "preset": "tiny",
+            "eval_max_sequences": 16,
+            "sample_max_new_tokens": 16,
+        },
+        "main_run": {
+            "max_steps": 40,
+            "warmup_steps": 4,
+            "logging_steps": 5,
+            "eval_steps": 20,
+            "save_steps": 20,
+        },
+        "techniques": {"max_steps": 6, "precision": "fp32", "warmup_steps": 2},
+        "slow_run": {"max_steps": 4, "precision": "fp32", "warmup_steps": 1},
+        "lr_sweep": {
+            "learning_rates": [1e-5, 3e-3, 1.0],
+            "max_steps": 24,
+            "logging_steps": 1,
+            "warmup_steps": 2,
+            "eval_steps": 0,
+            "precision": "fp32",
+        },
+        "launch": {
+            "max_steps": 4,
+            "logging_steps": 2,
+            "eval_steps": 0,
+            "warmup_steps": 1,
+            "save_steps": 4,
+            "precision": "fp32",
+            "eval_max_sequences": 8,
+            "sample_max_new_tokens": 8,
+        },
         "memory_table": {"micro_batch": 8, "seq_len": 1024, "precision": "bf16"},
+        "measurement_repeats": 1,
         "preview_documents": 2,
         "generate": {"prompt": "The", "max_new_tokens": 20},
         "device": "cpu",
     },
     "laptop": {
-        "description": "a 1.3 M-parameter GPT-2 trained on the built-in corpus in a few minutes on a laptop CPU",
-        "base": {**_common(4096, 128, 16, 3e-3), "preset": "mini", "n_layer": 4, "n_head": 4, "n_embd": 128,
-                 "n_positions": 128, "eval_max_sequences": 64, "sample_max_new_tokens": 40},
-        "main_run": {"max_steps": 300, "warmup_steps": 30, "logging_steps": 10, "eval_steps": 100,
-                     "save_steps": 100},
-        "techniques": {"max_steps": 12, "logging_steps": 6, "precision": "fp32", "warmup_steps": 3},
-        "slow_run": {"max_steps": 6, "logging_steps": 3, "precision": "fp32", "warmup_steps": 1},
-        "lr_sweep": {"learning_rates": [1e-5, 3e-3, 1.0], "max_steps": 60, "logging_steps": 2, "warmup_steps": 6,
-                     "eval_steps": 0, "precision": "fp32"},
-        "launch": {"preset": "tiny", "n_layer": None, "n_head": None, "n_embd": None, "n_positions": None,
-                   "tokenizer_vocab_size": 1024, "block_size": 64, "per_device_train_batch_size": 8,
-                   "max_steps": 10, "logging_steps": 5, "eval_steps": 0, "save_steps": 10, "precision": "fp32",
-                   "warmup_steps": 2, "eval_max_sequences": 16, "sample_max_new_tokens": 16},
+        "description": "a 4-layer, 128-wide GPT-2 trained on the built-in corpus in minutes on a laptop CPU",
+        "base": {
+            **_common(4096, 128, 16, 3e-3),
+            "preset": "mini",
+            "n_layer": 4,
+            "n_head": 4,
+            "n_embd": 128,
+            "n_positions": 128,
+            "eval_max_sequences": 64,
+            "sample_max_new_tokens": 40,
+        },
+        "main_run": {
+            "max_steps": 300,
+            "warmup_steps": 30,
+            "logging_steps": 10,
+            "eval_steps": 100,
+            "save_steps": 100,
+        },
+        "techniques": {"max_steps": 10, "precision": "fp32", "warmup_steps": 2},
+        "slow_run": {"max_steps": 4, "precision": "fp32", "warmup_steps": 1},
+        "lr_sweep": {
+            "learning_rates": [1e-5, 3e-3, 1.0],
+            "max_steps": 40,
+            "per_device_train_batch_size": 8,
+            "logging_steps": 2,
+            "warmup_steps": 4,
+            "eval_steps": 0,
+            "precision": "fp32",
+        },
+        "launch": {
+            "preset": "tiny",
+            "n_layer": None,
+            "n_head": None,
+            "n_embd": None,
+            "n_positions": None,
+            "tokenizer_vocab_size": 1024,
+            "block_size": 64,
+            "per_device_train_batch_size": 8,
+            "per_device_eval_batch_size": 8,
+            "max_steps": 8,
+            "logging_steps": 4,
+            "eval_steps": 0,
+            "save_steps": 8,
+            "precision": "fp32",
+            "warmup_steps": 2,
+            "eval_max_sequences": 16,
+            "sample_max_new_tokens": 16,
+        },
         "memory_table": {"micro_batch": 8, "seq_len": 1024, "precision": "bf16"},
+        "measurement_repeats": 2,
         "preview_documents": 2,
         "generate": {"prompt": "The", "max_new_tokens": 40},
         "device": "cpu",
     },
     "gpu": {
         "description": "GPT-2 small (124 M) on OpenWebText with bf16 and torch.compile, on one GPU",
-        "base": {**_common(8192, 1024, 16, 6e-4), "preset": "gpt2-small", "dataset": "openwebtext",
-                 "tokenizer": "gpt2", "eval_max_sequences": 256, "sample_max_new_tokens": 48,
-                 "optim": "adamw_torch_fused"},
-        "main_run": {"max_steps": 2000, "gradient_accumulation_steps": 4, "warmup_steps": 200, "logging_steps": 25,
-                     "eval_steps": 250, "save_steps": 500, "torch_compile": True},
-        "techniques": {"max_steps": 20, "logging_steps": 10, "precision": "fp32", "warmup_steps": 5,
-                       "per_device_train_batch_size": 8, "optim": "adamw_torch", "eval_max_sequences": 32},
-        "slow_run": {"max_steps": 10, "logging_steps": 5, "precision": "bf16", "warmup_steps": 2,
-                     "per_device_train_batch_size": 8, "eval_max_sequences": 32},
-        "lr_sweep": {"learning_rates": [1e-6, 6e-4, 1e-1], "max_steps": 200, "logging_steps": 5,
-                     "warmup_steps": 20, "eval_steps": 0, "eval_max_sequences": 32},
-        "launch": {"preset": "tiny", "dataset": "builtin", "tokenizer": "train", "tokenizer_vocab_size": 1024,
-                   "block_size": 64, "per_device_train_batch_size": 8, "per_device_eval_batch_size": 8,
-                   "max_steps": 10, "logging_steps": 5, "eval_steps": 0, "save_steps": 10, "precision": "fp32",
-                   "warmup_steps": 2, "eval_max_sequences": 16, "sample_max_new_tokens": 16, "optim": "adamw_torch"},
+        "base": {
+            **_common(8192, 1024, 16, 6e-4),
+            "preset": "gpt2-small",
+            "dataset": "openwebtext",
+            "tokenizer": "gpt2",
+            "eval_max_sequences": 256,
+            "sample_max_new_tokens": 48,
+            "optim": "adamw_torch_fused",
+        },
+        "main_run": {
+            "max_steps": 2000,
+            "gradient_accumulation_steps": 4,
+            "warmup_steps": 200,
+            "logging_steps": 25,
+            "eval_steps": 250,
+            "save_steps": 500,
+            "torch_compile": True,
+        },
+        "techniques": {
+            "max_steps": 20,
+            "precision": "fp32",
+            "warmup_steps": 5,
+            "per_device_train_batch_size": 8,
+            "optim": "adamw_torch",
+            "eval_max_sequences": 32,
+        },
+        "slow_run": {
+            "max_steps": 10,
+            "precision": "bf16",
+            "warmup_steps": 2,
+            "per_device_train_batch_size": 8,
+            "eval_max_sequences": 32,
+        },
+        "lr_sweep": {
+            "learning_rates": [1e-6, 6e-4, 1e-1],
+            "max_steps": 200,
+            "logging_steps": 5,
+            "warmup_steps": 20,
+            "eval_steps": 0,
+            "eval_max_sequences": 32,
+        },
+        "launch": {
+            "preset": "tiny",
+            "dataset": "builtin",
+            "tokenizer": "train",
+            "tokenizer_vocab_size": 1024,
+            "block_size": 64,
+            "per_device_train_batch_size": 8,
+            "per_device_eval_batch_size": 8,
+            "max_steps": 10,
+            "logging_steps": 5,
+            "eval_steps": 0,
+            "save_steps": 10,
+            "precision": "fp32",
+            "warmup_steps": 2,
+            "eval_max_sequences": 16,
+            "sample_max_new_tokens": 16,
+            "optim": "adamw_torch",
+        },
         "memory_table": {"micro_batch": 8, "seq_len": 1024, "precision": "bf16"},
+        "measurement_repeats": 2,
         "preview_documents": 2,
         "generate": {"prompt": "The meaning of life is", "max_new_tokens": 48},
         "device": "cuda",
@@ -147,12 +280,17 @@ def describe_hardware() -> str:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    return (f"CPU only: {cpu}, {os.cpu_count()} cores, {psutil.virtual_memory().total / (1 << 30):.0f} GiB RAM, "
-            f"torch {torch.__version__} with {torch.get_num_threads()} threads")
+    return (
+        f"CPU only: {cpu}, {os.cpu_count()} cores, {psutil.virtual_memory().total / (1 << 30):.0f} GiB RAM, "
+        f"torch {torch.__version__} with {torch.get_num_threads()} threads"
+    )
 
 
 def _hub_reachable() -> bool:
-    if any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+    if any(
+        os.environ.get(v, "").lower() in ("1", "true", "yes")
+        for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    ):
         return False
     import socket
 
@@ -172,7 +310,11 @@ def choose_profile(name: str | None = None, *, verbose: bool = True) -> dict[str
     if name:
         if name not in PROFILES:
             raise ConfigError(f"unknown tutorial profile {name!r}: choose one of {', '.join(PROFILES)}")
-        why = f"named explicitly ({PROFILE_ENV}={name})" if os.environ.get(PROFILE_ENV) == name else "named explicitly"
+        why = (
+            f"named explicitly ({PROFILE_ENV}={name})"
+            if os.environ.get(PROFILE_ENV) == name
+            else "named explicitly"
+        )
     elif torch.cuda.is_available():
         name, why = "gpu", f"a CUDA GPU is present ({torch.cuda.get_device_name(0)})"
     else:
@@ -184,6 +326,11 @@ def choose_profile(name: str | None = None, *, verbose: bool = True) -> dict[str
         # The same run on text that needs no network: the built-in corpus and a BPE trained on it.
         profile["base"].update(dataset="builtin", tokenizer="train")
         notes.append("the Hugging Face Hub is not reachable, so the built-in corpus replaces OpenWebText")
+    from .cli import parse_config
+
+    parse_config(
+        [], **profile["base"]
+    )  # a misspelt setting fails here, in the settings cell, not in section 6
     profile["output_root"] = str(Path(os.environ.get(OUTPUT_ENV) or REPO_ROOT / "runs" / f"tutorial-{name}"))
     profile["launch_env"] = {"CUDA_VISIBLE_DEVICES": ""}  # the 2-process demo always runs on the CPU (gloo)
     profile["notes"] = notes
@@ -195,7 +342,9 @@ def choose_profile(name: str | None = None, *, verbose: bool = True) -> dict[str
     return profile
 
 
-def settings_for(profile: Mapping[str, Any], part: str | None, run_name: str, **overrides: Any) -> dict[str, Any]:
+def settings_for(
+    profile: Mapping[str, Any], part: str | None, run_name: str, **overrides: Any
+) -> dict[str, Any]:
     """train.py settings for one run of the notebook: the profile's base, then its `part` (e.g. "main_run"), then
     `overrides`; a None value removes a setting (back to train.py's default). Output goes to output_root/run_name."""
     extra = {k: v for k, v in profile[part].items() if k != "learning_rates"} if part else {}
@@ -232,8 +381,15 @@ class Table:
             if not math.isfinite(v) or v == 0:
                 return str(v)
             a = abs(v)
-            return (f"{v:,.0f}" if a >= 100 else f"{v:.1f}" if a >= 10 else
-                    f"{v:.3f}".rstrip("0").rstrip(".") if a >= 0.01 else f"{v:.3g}")
+            return (
+                f"{v:,.0f}"
+                if a >= 100
+                else f"{v:.1f}"
+                if a >= 10
+                else f"{v:.3f}".rstrip("0").rstrip(".")
+                if a >= 0.01
+                else f"{v:.3g}"
+            )
         if isinstance(v, int) and not isinstance(v, bool):
             return f"{v:,}"
         return str(v)
@@ -267,27 +423,53 @@ def parameter_table(presets: Sequence[str] = ("gpt2-small", "gpt2-medium", "gpt2
     rows = []
     for name in presets:
         c = resolve_config(name)
-        rows.append({"preset": name, "n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd,
-                     "head dim": c.n_embd // c.n_head, "n_positions": c.n_positions, "vocab_size": c.vocab_size,
-                     "parameters": f"{count_parameters(c) / 1e6:.1f} M"})
+        rows.append(
+            {
+                "preset": name,
+                "n_layer": c.n_layer,
+                "n_head": c.n_head,
+                "n_embd": c.n_embd,
+                "head dim": c.n_embd // c.n_head,
+                "n_positions": c.n_positions,
+                "vocab_size": c.vocab_size,
+                "parameters": f"{count_parameters(c) / 1e6:.1f} M",
+            }
+        )
     return Table(rows, caption="GPT-2 presets (tied input/output embeddings)")
 
 
-def memory_table(presets: Sequence[str] = ("gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl"), *,
-                 micro_batch: int = 8, seq_len: int = 1024, precision: str = "bf16",
-                 optimizer: str = "adamw") -> Table:
+def memory_table(
+    presets: Sequence[str] = ("gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl"),
+    *,
+    micro_batch: int = 8,
+    seq_len: int = 1024,
+    precision: str = "bf16",
+    optimizer: str = "adamw",
+) -> Table:
     """What one GPU holds while training each preset, from `planner.plan_memory` (GiB)."""
     from .planner import GIB, plan_memory
 
     rows = []
     for name in presets:
-        p = plan_memory(name, micro_batch=micro_batch, seq_len=seq_len, precision=precision, optimizer=optimizer)
-        rows.append({"preset": name, "weights": p.weights / GIB, "gradients": p.gradients / GIB,
-                     "optimizer states": p.optimizer_states / GIB,
-                     "activations": (p.activations + p.autocast_weight_copies) / GIB,
-                     "loss head": p.loss_head / GIB, "total per GPU": p.total / GIB})
-    return Table(rows, caption=f"GiB per GPU: micro-batch {micro_batch} x {seq_len} tokens, {precision} autocast, "
-                               f"{optimizer}, no checkpointing (gpt2_training.planner)")
+        p = plan_memory(
+            name, micro_batch=micro_batch, seq_len=seq_len, precision=precision, optimizer=optimizer
+        )
+        rows.append(
+            {
+                "preset": name,
+                "weights": p.weights / GIB,
+                "gradients": p.gradients / GIB,
+                "optimizer states": p.optimizer_states / GIB,
+                "activations": (p.activations + p.autocast_weight_copies) / GIB,
+                "loss head": p.loss_head / GIB,
+                "total per GPU": p.total / GIB,
+            }
+        )
+    return Table(
+        rows,
+        caption=f"GiB per GPU: micro-batch {micro_batch} x {seq_len} tokens, {precision} autocast, "
+        f"{optimizer}, no checkpointing (gpt2_training.planner)",
+    )
 
 
 def config_problems(**settings: Any) -> list[str]:
@@ -310,9 +492,11 @@ def try_gpt2_tokenizer(name: str = "gpt2"):
     try:
         tok = load_tokenizer(name)
     except ConfigError as exc:
-        print(f"GPT-2's tokenizer ({name!r}) is not available here: {exc}\n"
-              "-> falling back to a BPE trained on the built-in corpus (next cell); with network access this "
-              "cell loads GPT-2's 50,257-token vocabulary instead.")
+        print(
+            f"GPT-2's tokenizer ({name!r}) is not available here: {exc}\n"
+            "-> falling back to a BPE trained on the built-in corpus (next cell); with network access this "
+            "cell loads GPT-2's 50,257-token vocabulary instead."
+        )
         return None
     print(f"loaded {name!r}: {len(tok):,} tokens, end-of-text id {tok.eos_token_id}")
     return tok
@@ -366,8 +550,9 @@ def _first_documents(source, n: int, chars: int) -> list[str]:
     return docs
 
 
-def preview_source(spec: str, n: int = 2, *, chars: int = 300, fallback: str = "builtin",
-                   verbose: bool = True) -> Preview:
+def preview_source(
+    spec: str, n: int = 2, *, chars: int = 300, fallback: str = "builtin", verbose: bool = True
+) -> Preview:
     """Open `spec` with the package's `open_source` and show its first `n` documents. When it cannot be read
     (offline, no credentials, deeplake not installed) say so plainly and preview `fallback` instead."""
     from .data import open_source
@@ -376,13 +561,17 @@ def preview_source(spec: str, n: int = 2, *, chars: int = 300, fallback: str = "
     try:
         source, used = open_source(spec, shuffle=False), spec
     except (DataError, ImportError) as exc:
-        reason = str(exc) if isinstance(exc, DataError) else f"{exc} (install it: make install-full-finetuning)"
+        reason = (
+            str(exc) if isinstance(exc, DataError) else f"{exc} (install it: make install-full-finetuning)"
+        )
         source, used = open_source(fallback, shuffle=False), fallback
     docs = _first_documents(source, n, chars)
     preview = Preview(spec, used, source.description, docs, reason)
     if verbose:
         if reason:
-            print(f"{spec}: NOT AVAILABLE HERE - {reason}\n-> falling back to {fallback!r}, which needs no download.")
+            print(
+                f"{spec}: NOT AVAILABLE HERE - {reason}\n-> falling back to {fallback!r}, which needs no download."
+            )
         print(f"reading {source.description}")
         for i, d in enumerate(docs):
             text = d[:chars].replace("\n", " ")
@@ -403,15 +592,31 @@ def token_counts(profile: Mapping[str, Any]) -> Table:
     tok = resolve_tokenizer(d, seed=cfg.train.seed)
     rows = []
     for split in ("train", "validation"):
-        stream = TokenStream(source_from_args(d, cfg.train.seed), tok, d.block_size, split=split,
-                             validation_per_mille=d.validation_per_mille, loop=False)
+        stream = TokenStream(
+            source_from_args(d, cfg.train.seed),
+            tok,
+            d.block_size,
+            split=split,
+            validation_per_mille=d.validation_per_mille,
+            loop=False,
+        )
         n_seq = sum(1 for _ in stream)
         s = stream.stats
-        rows.append({"split": split, "documents": s["documents"], "tokens (EOS included)": s["tokens"],
-                     f"sequences of {d.block_size}": n_seq, "tokens packed": s["tokens_packed"],
-                     "tokens left over": s["tokens_waiting"]})
-    return Table(rows, caption=f"{d.dataset}: {d.validation_per_mille / 10:g}% of documents held out by a hash "
-                               f"of their text; tokenizer with {len(tok):,} tokens")
+        rows.append(
+            {
+                "split": split,
+                "documents": s["documents"],
+                "tokens (EOS included)": s["tokens"],
+                f"sequences of {d.block_size}": n_seq,
+                "tokens packed": s["tokens_packed"],
+                "tokens left over": s["tokens_waiting"],
+            }
+        )
+    return Table(
+        rows,
+        caption=f"{d.dataset}: {d.validation_per_mille / 10:g}% of documents held out by a hash "
+        f"of their text; tokenizer with {len(tok):,} tokens",
+    )
 
 
 def packed_example(profile: Mapping[str, Any], max_chars: int = 400) -> str:
@@ -422,8 +627,14 @@ def packed_example(profile: Mapping[str, Any], max_chars: int = 400) -> str:
 
     cfg = parse_config([], **profile["base"])
     tok = resolve_tokenizer(cfg.data, seed=cfg.train.seed)
-    stream = TokenStream(source_from_args(cfg.data, 0), tok, cfg.data.block_size, split="train",
-                         validation_per_mille=cfg.data.validation_per_mille, loop=False)
+    stream = TokenStream(
+        source_from_args(cfg.data, 0),
+        tok,
+        cfg.data.block_size,
+        split="train",
+        validation_per_mille=cfg.data.validation_per_mille,
+        loop=False,
+    )
     seq = next(s for s in stream if tok.eos_token_id in s.tolist())
     text = tok.decode(seq.tolist())
     i = text.index(tok.eos_token)
@@ -447,8 +658,11 @@ class PeakMemory:
 
         self.interval_s = interval_s
         self.cuda = torch.cuda.is_available()
-        self.kind = ("GPU: torch.cuda.max_memory_allocated" if self.cuda
-                     else f"CPU: peak RSS increase (psutil, sampled every {interval_s * 1000:g} ms)")
+        self.kind = (
+            "GPU: torch.cuda.max_memory_allocated"
+            if self.cuda
+            else f"CPU: peak RSS increase (psutil, sampled every {interval_s * 1000:g} ms)"
+        )
         self.peak_bytes = 0
 
     def __enter__(self) -> PeakMemory:
@@ -500,37 +714,70 @@ def _quiet_main(settings: Mapping[str, Any], quiet: bool):
         return main([], **settings)
 
 
-def compare_techniques(base_settings: Mapping[str, Any], variants: Mapping[str, Mapping[str, Any]], *,
-                       quiet: bool = True, warmup_run: bool = True) -> Table:
-    """Short real trainings, one per variant (`base_settings` updated with the variant), side by side:
-    tokens/s of the last logging window (steady state) from `TrainResult`, peak memory (see `PeakMemory`) and
-    the losses. A variant this hardware refuses (e.g. bf16 on a CPU without native bf16) gets a row saying why.
-    Each run writes to `<output_dir>/<variant number>`."""
-    base = {**_QUICK_RUN, **base_settings}
+def compare_techniques(
+    base_settings: Mapping[str, Any],
+    variants: Mapping[str, Mapping[str, Any]],
+    *,
+    repeats: int = 1,
+    quiet: bool = True,
+    warmup_run: bool = True,
+) -> Table:
+    """Short real trainings, one per variant (`base_settings` updated with the variant), side by side: tokens/s
+    (the median over steps 2..N of the run's per-step throughput, which a burst of load from other programs moves
+    less than a mean; with `repeats` > 1 the variants run again in turn and the best round counts), peak memory
+    (see `PeakMemory`) and the losses. A variant this hardware refuses (e.g. bf16 on a CPU without native bf16)
+    gets a row saying why. Variant i writes to `<output_dir>/variant-<i>`."""
+    base = {**_QUICK_RUN, **base_settings, "logging_steps": 1}
     root = Path(base["output_dir"])
-    if warmup_run:  # one untimed run, so the first row does not pay for first-time set-up (caches, lazy imports)
-        _quiet_main({**base, "max_steps": 2, "logging_steps": 1, "output_dir": str(root / "warmup")}, True)
-    rows: list[dict[str, Any]] = []
-    for i, (name, change) in enumerate(resolve_variants(variants, base).items()):
-        settings = {**base, **change, "output_dir": str(root / f"variant-{i}")}
-        meter = PeakMemory()
-        row: dict[str, Any] = {"variant": name, "tokens/s": None, "peak memory MiB": None}
-        try:
-            with meter:
-                res = _quiet_main(settings, quiet)
-        except ConfigError as exc:  # refused before any work, e.g. bf16 on a CPU without native bf16
-            rows.append({**row, "note": "not run here: " + "; ".join(exc.problems)})
-            continue
-        row.update({"tokens/s": res.tokens_per_s, "peak memory MiB": meter.peak_mib,
+    if (
+        warmup_run
+    ):  # one untimed run, so the first row does not pay for first-time set-up (caches, lazy imports)
+        _quiet_main({**base, "max_steps": 2, "output_dir": str(root / "warmup")}, True)
+    resolved = list(resolve_variants(variants, base).items())
+    rows = [{"variant": name, "tokens/s": None, "peak memory MiB": None} for name, _ in resolved]
+    for _ in range(max(repeats, 1)):
+        for i, (row, (_, change)) in enumerate(zip(rows, resolved, strict=True)):
+            if row.get("note"):
+                continue  # refused in an earlier round
+            settings = {**base, **change, "output_dir": str(root / f"variant-{i}")}
+            meter = PeakMemory()
+            try:
+                with meter:
+                    res = _quiet_main(settings, quiet)
+            except ConfigError as exc:  # refused before any work, e.g. bf16 on a CPU without native bf16
+                row["note"] = "not run here: " + "; ".join(exc.problems)
+                continue
+            per_step = [
+                r["tokens_per_s"] for r in read_log(settings["output_dir"]) if r.get("event") == "train"
+            ]
+            tps = statistics.median(per_step[1:]) if len(per_step) > 1 else res.tokens_per_s
+            row.update(
+                {
+                    "tokens/s": max(tps, row["tokens/s"] or 0.0),
+                    "peak memory MiB": max(meter.peak_mib, row["peak memory MiB"] or 0.0),
                     "final train loss": res.losses[-1] if res.losses else None,
-                    "held-out loss": (res.final_eval or {}).get("eval_loss"), "note": ""})
-        rows.append(row)
+                    "held-out loss": (res.final_eval or {}).get("eval_loss"),
+                    "note": "",
+                }
+            )
     ref = next((r["tokens/s"] for r in rows if r.get("tokens/s")), None)
     for r in rows:
         r["speed vs first"] = f"{r['tokens/s'] / ref:.2f}x" if ref and r.get("tokens/s") else None
-    columns = ["variant", "tokens/s", "speed vs first", "peak memory MiB", "final train loss", "held-out loss", "note"]
-    steps = base.get("max_steps")
-    return Table(rows, columns, caption=f"{steps} steps each on {describe_hardware()}; memory: {PeakMemory().kind}")
+    columns = [
+        "variant",
+        "tokens/s",
+        "speed vs first",
+        "peak memory MiB",
+        "final train loss",
+        "held-out loss",
+        "note",
+    ]
+    best = f"best of {repeats} rounds of " if repeats > 1 else ""
+    caption = (
+        f"{base.get('max_steps')} steps each on {describe_hardware()}; tokens/s: {best}the median of steps 2..N; "
+        f"memory: {PeakMemory().kind}"
+    )
+    return Table(rows, columns, caption=caption)
 
 
 def resolve_variants(variants: Mapping[str, Mapping[str, Any]], base_settings: Mapping[str, Any]) -> dict:
@@ -563,12 +810,16 @@ def gpu_benchmark(results_dir: str | Path = REPO_ROOT / "bench" / "results") -> 
                 found.append(p.with_suffix(".md") if p.with_suffix(".md").exists() else p)
     found += [p for p in sorted(folder.glob("gpu-*.md")) if p not in found] if folder.is_dir() else []
     if not found:
-        return Markdown(f"**GPU run pending**: no GPU record in `{_shown_path(folder)}` yet. `make bench` on a GPU "
-                        "machine writes it; this cell then shows it.")
+        return Markdown(
+            f"**GPU run pending**: no GPU record in `{_shown_path(folder)}` yet. `make bench` on a GPU "
+            "machine writes it; this cell then shows it."
+        )
     parts = []
     for p in found:
         text = p.read_text(encoding="utf-8")
-        parts.append(f"*from `{_shown_path(p)}`*\n\n" + (text if p.suffix == ".md" else f"```json\n{text}\n```"))
+        parts.append(
+            f"*from `{_shown_path(p)}`*\n\n" + (text if p.suffix == ".md" else f"```json\n{text}\n```")
+        )
     return Markdown("\n\n".join(parts))
 
 
@@ -577,11 +828,23 @@ def training_arguments(settings: Mapping[str, Any]) -> dict[str, Any]:
     from .cli import parse_config
 
     t = parse_config([], **settings).train
-    names = ["per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "warmup_steps",
-             "lr_scheduler_type", "max_grad_norm", "weight_decay", "optim", "gradient_checkpointing",
-             "torch_compile", "max_steps"]
-    return {"class": type(t).__mro__[1].__module__ + "." + type(t).__mro__[1].__name__,
-            **{n: str(getattr(getattr(t, n), "value", getattr(t, n))) for n in names}}
+    names = [
+        "per_device_train_batch_size",
+        "gradient_accumulation_steps",
+        "learning_rate",
+        "warmup_steps",
+        "lr_scheduler_type",
+        "max_grad_norm",
+        "weight_decay",
+        "optim",
+        "gradient_checkpointing",
+        "torch_compile",
+        "max_steps",
+    ]
+    return {
+        "class": type(t).__mro__[1].__module__ + "." + type(t).__mro__[1].__name__,
+        **{n: str(getattr(getattr(t, n), "value", getattr(t, n))) for n in names},
+    }
 
 
 # -- section 6: watching a run ---------------------------------------------------------------------------------------
@@ -607,7 +870,9 @@ def plot_run(result, title: str = ""):
     tps = [(r["step"], r["tokens_per_s"]) for r in log if r.get("event") == "train"]
     if tps:
         ax2.plot(*zip(*tps, strict=True), ".-")
-    ax2.set(xlabel="optimizer step", ylabel="tokens / s", title="throughput per logging window", ylim=(0, None))
+    ax2.set(
+        xlabel="optimizer step", ylabel="tokens / s", title="throughput per logging window", ylim=(0, None)
+    )
     ax2.grid(alpha=0.3)
     fig.tight_layout()
     return fig
@@ -624,8 +889,10 @@ def throughput(result, settings: Mapping[str, Any]) -> str:
     n = count_parameters(c)
     fpt = flops_per_token(n, c.n_layer, c.n_embd, settings["block_size"])
     _, mfu = describe_mfu(result.tokens_per_s, fpt, result.precision)
-    return (f"{result.tokens_per_s:,.0f} tokens/s (last logging window) x {fpt / 1e6:.1f} MFLOPs per token "
-            f"= {result.tokens_per_s * fpt / 1e12:.3f} TFLOP/s achieved; {mfu}")
+    return (
+        f"{result.tokens_per_s:,.0f} tokens/s (last logging window) x {fpt / 1e6:.1f} MFLOPs per token "
+        f"= {result.tokens_per_s * fpt / 1e12:.3f} TFLOP/s achieved; {mfu}"
+    )
 
 
 def samples_during_training(result) -> list[tuple[int, str]]:
@@ -638,27 +905,42 @@ def evaluation_table(result) -> Table:
     """Held-out numbers of the trained and the untrained model, next to the unigram byte entropy."""
     rows = [
         {"model": "untrained (step 0)", **_eval_row(result.initial_eval)},
-        {"model": f"trained ({result.step} steps, {result.tokens_seen:,} tokens)", **_eval_row(result.final_eval)},
-        {"model": "byte frequencies only (unigram entropy)", "loss (nats/token)": None, "perplexity": None,
-         "bits per byte": result.unigram_bpb},
+        {
+            "model": f"trained ({result.step} steps, {result.tokens_seen:,} tokens)",
+            **_eval_row(result.final_eval),
+        },
+        {
+            "model": "byte frequencies only (unigram entropy)",
+            "loss (nats/token)": None,
+            "perplexity": None,
+            "bits per byte": result.unigram_bpb,
+        },
     ]
     return Table(rows, caption="held-out text, never trained on")
 
 
 def _eval_row(ev: Mapping[str, float] | None) -> dict[str, Any]:
     ev = ev or {}
-    return {"loss (nats/token)": ev.get("eval_loss"), "perplexity": ev.get("eval_perplexity"),
-            "bits per byte": ev.get("eval_bpb")}
+    return {
+        "loss (nats/token)": ev.get("eval_loss"),
+        "perplexity": ev.get("eval_perplexity"),
+        "bits per byte": ev.get("eval_bpb"),
+    }
 
 
 def push_to_hub(model_dir: str | Path, repo_id: str, *, private: bool = True) -> str | None:
     """Upload a saved model folder to the Hugging Face Hub; skipped, with the reason, offline or without HF_TOKEN."""
-    if any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+    if any(
+        os.environ.get(v, "").lower() in ("1", "true", "yes")
+        for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    ):
         print("skipped: HF_HUB_OFFLINE is set, so nothing is uploaded")
         return None
     if not os.environ.get("HF_TOKEN"):
-        print("skipped: no HF_TOKEN in the environment (create a write token at huggingface.co/settings/tokens "
-              "and export HF_TOKEN=... before starting Jupyter; tokens are never typed into notebooks)")
+        print(
+            "skipped: no HF_TOKEN in the environment (create a write token at huggingface.co/settings/tokens "
+            "and export HF_TOKEN=... before starting Jupyter; tokens are never typed into notebooks)"
+        )
         return None
     from huggingface_hub import HfApi
 
@@ -680,14 +962,26 @@ def lr_sweep(profile: Mapping[str, Any], *, quiet: bool = True) -> dict[float, A
 
 
 def plot_lr_sweep(results: Mapping[float, Any]):
-    """Training loss per step for each learning rate of `lr_sweep`, on one axis."""
+    """Training loss per step for each learning rate of `lr_sweep`, on one axis. The y-axis stops at 1.5x the
+    starting loss, so a diverging run leaves the plot instead of flattening the others."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 3.8))
     for lr, res in results.items():
-        ax.plot(range(1, len(res.losses) + 1), res.losses, lw=1.2,
-                label=f"lr {lr:g}: held-out loss {res.final_eval['eval_loss']:.2f}")
-    ax.set(xlabel="optimizer step", ylabel="training loss (nats / token)", title="same run, three learning rates")
+        ax.plot(
+            range(1, len(res.losses) + 1),
+            res.losses,
+            lw=1.2,
+            label=f"lr {lr:g}: held-out loss {res.final_eval['eval_loss']:.2f}",
+        )
+    finite = [x for res in results.values() for x in res.losses if math.isfinite(x)]
+    start = max(res.losses[0] for res in results.values())
+    ax.set_ylim(min(finite) - 0.3, 1.5 * start)
+    ax.set(
+        xlabel="optimizer step",
+        ylabel="training loss (nats / token)",
+        title="same run, three learning rates (off the top: higher still)",
+    )
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
