@@ -34,6 +34,7 @@ def gpt2_config(args: ModelArguments, vocab_size: int, bos_eos_id: int) -> GPT2C
         eos_token_id=bos_eos_id,
         pad_token_id=bos_eos_id,
         attn_implementation=args.attn_implementation,
+        loss_type="ForCausalLM",
         **shape,
     )
 

@@ -70,12 +70,10 @@ def plot_loss_curve(history: list[dict], path: str | Path, title: str = "") -> P
     evals = [(r["step"], r["eval_loss"]) for r in history if r.get("event") == "eval"]
     if not train and not evals:
         return None
-    import matplotlib
+    from matplotlib.figure import Figure  # a bare Figure: no pyplot state, no backend switch in notebooks
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     if train:
         ax.plot(*zip(*train, strict=True), label="train loss", linewidth=1)
     if evals:
@@ -87,5 +85,4 @@ def plot_loss_curve(history: list[dict], path: str | Path, title: str = "") -> P
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return Path(path)

@@ -209,7 +209,12 @@ class Engine:
                 f"block_size={cfg.data.block_size} exceeds the loaded model's n_positions={self.lm.config.n_positions}"
             )
         if t.gradient_checkpointing:
-            self.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # non-reentrant: works with DDP and with inputs that need no grad (transformers 5 renamed the method)
+            enable = getattr(self.lm, "activation_checkpointing_enable", None)
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                self.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.lm.config.use_cache = False
         self.lm.to(self.acc.device)
         self.n_params = sum(p.numel() for p in self.lm.parameters())
@@ -355,7 +360,7 @@ class Engine:
                 if ids.shape[1] == 0:
                     ids = torch.tensor([[self.tokenizer.eos_token_id]], device=self.acc.device)
                 gen = self.lm.generate(
-                    ids, max_new_tokens=r.sample_max_new_tokens, do_sample=True, top_k=50, temperature=0.8,
+                    ids, attention_mask=torch.ones_like(ids), max_new_tokens=r.sample_max_new_tokens, do_sample=True, top_k=50, temperature=0.8,
                     pad_token_id=self.tokenizer.eos_token_id, use_cache=True,
                 )
                 out.append(self.tokenizer.decode(gen[0], skip_special_tokens=True))
@@ -577,4 +582,12 @@ def _model_card(cfg: Config, metrics: dict, n_params: int) -> str:
 
 def train(cfg: Config) -> TrainResult:
     """Run one training job described by `cfg`."""
-    return Engine(cfg).train()
+    try:
+        return Engine(cfg).train()
+    finally:
+        # Accelerate keeps its settings (precision, DeepSpeed) in process-wide singletons and refuses a second run
+        # with other settings in the same process (a notebook); forget them, but keep the process group.
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=False)
+        GradientState._reset_state()
