@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """Train GPT-2 from scratch or from pre-trained weights: a thin wrapper over `gpt2_training.cli`.
 
-    python 01-Full-Fine-Tuning/train.py --config 01-Full-Fine-Tuning/configs/cpu-quickstart.yaml
-    python 01-Full-Fine-Tuning/train.py --help
-    torchrun --nproc_per_node=4 01-Full-Fine-Tuning/train.py --config configs/gpt2-small-owt.yaml
-    python 01-Full-Fine-Tuning/train.py prepare --dataset openwebtext --out data/owt
-    python 01-Full-Fine-Tuning/train.py plan --preset gpt2-small --gpu_memory_gib 24
+python 01-Full-Fine-Tuning/train.py --config 01-Full-Fine-Tuning/configs/cpu-quickstart.yaml
+python 01-Full-Fine-Tuning/train.py --help
+torchrun --nproc_per_node=4 01-Full-Fine-Tuning/train.py --config configs/gpt2-small-owt.yaml
+python 01-Full-Fine-Tuning/train.py prepare --dataset openwebtext --out data/owt
+python 01-Full-Fine-Tuning/train.py plan --preset gpt2-small --gpu_memory_gib 24
 """
 
 import sys

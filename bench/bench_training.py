@@ -473,15 +473,31 @@ def run_hf_trainer_once(a, device) -> dict:
         model = WithLossDict(CausalLMWithLoss(lm, cfg.model.loss_impl))
         precision, _ = resolve_precision(cfg.run.precision)
         args = TrainingArguments(
-            output_dir=tmp, per_device_train_batch_size=a.micro_batch, max_steps=total, learning_rate=t.learning_rate,
-            weight_decay=t.weight_decay, adam_beta2=t.adam_beta2, max_grad_norm=t.max_grad_norm, warmup_steps=1,
-            lr_scheduler_type="cosine", optim="adamw_torch_fused", logging_steps=10**9, save_strategy="no",
-            report_to="none", disable_tqdm=True, use_cpu=device.type == "cpu", bf16=precision == "bf16",
-            fp16=precision == "fp16", torch_compile=t.torch_compile, remove_unused_columns=False,
-            dataloader_num_workers=0, seed=t.seed,
+            output_dir=tmp,
+            per_device_train_batch_size=a.micro_batch,
+            max_steps=total,
+            learning_rate=t.learning_rate,
+            weight_decay=t.weight_decay,
+            adam_beta2=t.adam_beta2,
+            max_grad_norm=t.max_grad_norm,
+            warmup_steps=1,
+            lr_scheduler_type="cosine",
+            optim="adamw_torch_fused",
+            logging_steps=10**9,
+            save_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+            use_cpu=device.type == "cpu",
+            bf16=precision == "bf16",
+            fp16=precision == "fp16",
+            torch_compile=t.torch_compile,
+            remove_unused_columns=False,
+            dataloader_num_workers=0,
+            seed=t.seed,
         )
-        trainer = Trainer(model=model, args=args, train_dataset=[{"input_ids": r} for r in rows],
-                          callbacks=[Stamp()])
+        trainer = Trainer(
+            model=model, args=args, train_dataset=[{"input_ids": r} for r in rows], callbacks=[Stamp()]
+        )
         with contextlib.redirect_stdout(sys.stderr):
             trainer.train()
         _sync(device)

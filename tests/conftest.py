@@ -97,7 +97,9 @@ def start_train(args: list[str], env: dict[str, str], **popen) -> subprocess.Pop
     return subprocess.Popen([sys.executable, str(TRAIN_PY), *args], env=env, text=True, cwd=ROOT, **popen)
 
 
-def run_train(args: list[str], env: dict[str, str], timeout: float = 120, **popen) -> subprocess.CompletedProcess:
+def run_train(
+    args: list[str], env: dict[str, str], timeout: float = 120, **popen
+) -> subprocess.CompletedProcess:
     """Run `train.py ARGS` to completion; returns the CompletedProcess with merged output in `.stdout`."""
     proc = start_train(args, env, **popen)
     try:

@@ -9,8 +9,12 @@ from gpt2_training.errors import ConfigError
 from gpt2_training.model import count_parameters, gpt2_config
 
 # Parameter counts of OpenAI's released checkpoints as loaded by transformers (vocabulary 50257, tied head).
-PUBLISHED = {"gpt2-small": 124_439_808, "gpt2-medium": 354_823_168, "gpt2-large": 774_030_080,
-             "gpt2-xl": 1_557_611_200}
+PUBLISHED = {
+    "gpt2-small": 124_439_808,
+    "gpt2-medium": 354_823_168,
+    "gpt2-large": 774_030_080,
+    "gpt2-xl": 1_557_611_200,
+}
 
 
 @pytest.mark.parametrize("preset", sorted(PUBLISHED))
@@ -33,13 +37,32 @@ def test_every_preset_builds_a_valid_config():
 
 
 def test_all_problems_reported_at_once():
-    cfg = parse_config(["--preset", "nope", "--n_embd", "100", "--n_head", "3", "--block_size", "4096",
-                        "--gradient_accumulation_steps", "0", "--precision", "fp16"])
+    cfg = parse_config(
+        [
+            "--preset",
+            "nope",
+            "--n_embd",
+            "100",
+            "--n_head",
+            "3",
+            "--block_size",
+            "4096",
+            "--gradient_accumulation_steps",
+            "0",
+            "--precision",
+            "fp16",
+        ]
+    )
     with pytest.raises(ConfigError) as err:
         validate(cfg, cuda_available=False, bf16_ok=False)
     text = str(err.value)
-    for fragment in ("unknown preset", "not divisible by n_head", "exceeds n_positions",
-                     "gradient_accumulation_steps", "fp16 needs a CUDA GPU"):
+    for fragment in (
+        "unknown preset",
+        "not divisible by n_head",
+        "exceeds n_positions",
+        "gradient_accumulation_steps",
+        "fp16 needs a CUDA GPU",
+    ):
         assert fragment in text, fragment
     assert len(err.value.problems) == 5
 

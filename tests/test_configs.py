@@ -25,8 +25,12 @@ def test_every_kind_of_config_is_shipped():
     names = {p.name for p in CONFIGS.iterdir()}
     assert {"gpt2-small-owt.yaml", "gpt2-medium-owt.yaml", "domain-corpus.yaml", "tiny.yaml"} <= names
     assert {"ds_zero1.json", "ds_zero2.json", "ds_zero3.json"} <= names
-    assert {"accelerate_ddp.yaml", "accelerate_fsdp.yaml", "accelerate_deepspeed.yaml",
-            "accelerate_cpu_2proc.yaml"} <= names
+    assert {
+        "accelerate_ddp.yaml",
+        "accelerate_fsdp.yaml",
+        "accelerate_deepspeed.yaml",
+        "accelerate_cpu_2proc.yaml",
+    } <= names
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
@@ -59,8 +63,12 @@ def test_deepspeed_json_is_consistent_with_training_arguments(path, monkeypatch)
     assert raw["zero_optimization"]["stage"] == stage
     for section in FORBIDDEN_DS_SECTIONS:  # the project's AdamW + schedule, identical to single-GPU runs
         assert section not in raw
-    for key in ("train_micro_batch_size_per_gpu", "train_batch_size", "gradient_accumulation_steps",
-                "gradient_clipping"):
+    for key in (
+        "train_micro_batch_size_per_gpu",
+        "train_batch_size",
+        "gradient_accumulation_steps",
+        "gradient_clipping",
+    ):
         assert raw[key] == "auto", key
     assert raw["bf16"]["enabled"] == "auto" and raw["fp16"]["enabled"] == "auto"
     for key in HIDDEN_SIZE_KEYS:
@@ -94,8 +102,12 @@ def test_accelerate_config_loads(path):
     raw = yaml.safe_load(path.read_text())
     cfg = load_config_from_file(str(path))  # refuses keys accelerate does not know
     assert cfg.num_processes == raw["num_processes"] >= 2
-    expected = {"accelerate_ddp.yaml": DistributedType.MULTI_GPU, "accelerate_cpu_2proc.yaml": DistributedType.MULTI_GPU,
-                "accelerate_fsdp.yaml": DistributedType.FSDP, "accelerate_deepspeed.yaml": DistributedType.DEEPSPEED}
+    expected = {
+        "accelerate_ddp.yaml": DistributedType.MULTI_GPU,
+        "accelerate_cpu_2proc.yaml": DistributedType.MULTI_GPU,
+        "accelerate_fsdp.yaml": DistributedType.FSDP,
+        "accelerate_deepspeed.yaml": DistributedType.DEEPSPEED,
+    }
     assert cfg.distributed_type == expected[path.name]
     assert cfg.mixed_precision == "no"  # the training config's --precision decides
     if cfg.distributed_type == DistributedType.DEEPSPEED:

@@ -54,12 +54,25 @@ def _env() -> dict[str, str]:
 
 def _common(shards: Path, out: Path, **overrides) -> list[str]:
     settings = {
-        "config": CONFIGS / "tiny.yaml", "shards_dir": shards, "tokenizer": shards / "tokenizer",
-        "output_dir": out, "block_size": 32, "per_device_train_batch_size": 4, "max_steps": STEPS,
-        "logging_steps": 1, "save_steps": 3, "eval_steps": 0, "precision": "fp32", "dropout": 0.0,
+        "config": CONFIGS / "tiny.yaml",
+        "shards_dir": shards,
+        "tokenizer": shards / "tokenizer",
+        "output_dir": out,
+        "block_size": 32,
+        "per_device_train_batch_size": 4,
+        "max_steps": STEPS,
+        "logging_steps": 1,
+        "save_steps": 3,
+        "eval_steps": 0,
+        "precision": "fp32",
+        "dropout": 0.0,
         # a constant schedule after warmup, so a run stopped at step 3 and extended to 6 follows the same LRs
-        "lr_scheduler_type": "constant_with_warmup", "warmup_steps": 2,
-        "plot": "false", "sample_max_new_tokens": 4, "eval_max_sequences": 8, "report_to": "none",
+        "lr_scheduler_type": "constant_with_warmup",
+        "warmup_steps": 2,
+        "plot": "false",
+        "sample_max_new_tokens": 4,
+        "eval_max_sequences": 8,
+        "report_to": "none",
     }
     settings.update(overrides)
     argv: list[str] = []
@@ -70,7 +83,9 @@ def _common(shards: Path, out: Path, **overrides) -> list[str]:
 
 def _run(cmd: list[str], timeout: int = 120) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, env=_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{' '.join(cmd)}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 0, (
+        f"{' '.join(cmd)}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}"
+    )
     return proc
 
 
@@ -94,8 +109,19 @@ def _assert_same_weights(a: Path, b: Path) -> None:
 def shards(tmp_path_factory, shared_cache) -> Path:  # shared_cache: conftest.py, session-wide corpus cache
     root = tmp_path_factory.mktemp("dist")
     out = root / "shards"
-    _run([sys.executable, str(TRAIN_SCRIPT), "prepare", "--dataset", "builtin", "--tokenizer_vocab_size", "1024",
-          "--out", str(out)])
+    _run(
+        [
+            sys.executable,
+            str(TRAIN_SCRIPT),
+            "prepare",
+            "--dataset",
+            "builtin",
+            "--tokenizer_vocab_size",
+            "1024",
+            "--out",
+            str(out),
+        ]
+    )
     return out
 
 
@@ -136,9 +162,16 @@ def test_only_rank0_writes_logs_checkpoints_and_samples(ddp):
     for step in range(1, STEPS + 1):
         assert len(re.findall(rf"^\[train\] step={step} ", proc.stdout, re.M)) == 1
     assert proc.stdout.count("model saved to") == 1
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-3", "checkpoint-6", "final", "train_log.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "checkpoint-3",
+        "checkpoint-6",
+        "final",
+        "train_log.jsonl",
+    ]
     ck = out / "checkpoint-6"
-    assert {p.name for p in ck.glob("rank*")} == {f"rank{r}.{e}" for r in (0, 1) for e in ("json", "npz", "pt")}
+    assert {p.name for p in ck.glob("rank*")} == {
+        f"rank{r}.{e}" for r in (0, 1) for e in ("json", "npz", "pt")
+    }
     state = json.loads((ck / "trainer_state.json").read_text())
     assert state["fingerprint"]["world_size"] == 2 and state["step"] == STEPS
 
@@ -183,8 +216,16 @@ def test_token_stream_assigns_each_document_to_one_rank(tmp_path):
     seen = []
     for rank in (0, 1):
         src = open_source(str(docs), txt_mode="file", shuffle=False, seed=0)
-        stream = TokenStream(src, WordTokenizer(), 4, split="train", validation_per_mille=0, rank=rank,
-                             world_size=2, loop=False)
+        stream = TokenStream(
+            src,
+            WordTokenizer(),
+            4,
+            split="train",
+            validation_per_mille=0,
+            rank=rank,
+            world_size=2,
+            loop=False,
+        )
         ids = np.concatenate(list(stream))
         seen.append({int(i) for i in ids if i})
     assert seen[0] and seen[1] and not seen[0] & seen[1]
@@ -200,9 +241,19 @@ def test_resume_under_ddp_matches_an_uninterrupted_run(shards, ddp):
     _run(torchrun_command(_common(shards, out, max_steps=3), 2))
     assert (out / "checkpoint-3" / "manifest.json").exists()
     port = str(29500 + os.getpid() % 1000)
-    proc = _run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                 str(CONFIGS / "accelerate_cpu_2proc.yaml"), "--main_process_port", port, str(TRAIN_SCRIPT),
-                 *_common(shards, out, max_steps=STEPS)])
+    proc = _run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(CONFIGS / "accelerate_cpu_2proc.yaml"),
+            "--main_process_port",
+            port,
+            str(TRAIN_SCRIPT),
+            *_common(shards, out, max_steps=STEPS),
+        ]
+    )
     assert "resuming from" in proc.stdout and "x 2 processes" in proc.stdout
     np.testing.assert_allclose(_train_losses(out), _train_losses(full), rtol=LOSS_RTOL)
     _assert_same_weights(full, out)
@@ -223,25 +274,39 @@ def test_deepspeed_config_auto_values_are_filled_from_training_arguments(monkeyp
     from gpt2_training.errors import ConfigError
 
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
-    args = SimpleNamespace(deepspeed=str(CONFIGS / "ds_zero2.json"), per_device_train_batch_size=16,
-                           gradient_accumulation_steps=4, max_grad_norm=0.5)
+    args = SimpleNamespace(
+        deepspeed=str(CONFIGS / "ds_zero2.json"),
+        per_device_train_batch_size=16,
+        gradient_accumulation_steps=4,
+        max_grad_norm=0.5,
+    )
     cfg = deepspeed_config(args)
     assert cfg["train_micro_batch_size_per_gpu"] == 16
     assert cfg["gradient_accumulation_steps"] == 4
     assert cfg["gradient_clipping"] == 0.5
     plugin = DeepSpeedPlugin(hf_ds_config=cfg)  # what Engine does; needs no deepspeed install
     plugin.set_mixed_precision("bf16")
-    assert plugin.deepspeed_config["bf16"]["enabled"] is True and plugin.deepspeed_config["fp16"]["enabled"] is False
+    assert (
+        plugin.deepspeed_config["bf16"]["enabled"] is True
+        and plugin.deepspeed_config["fp16"]["enabled"] is False
+    )
     assert plugin.gradient_accumulation_steps == 4 and plugin.zero_stage == 2
     assert deepspeed_config(SimpleNamespace(deepspeed=None)) is None
     with pytest.raises(ConfigError, match="optimizer"):
-        deepspeed_config(SimpleNamespace(**(vars(args) | {"deepspeed": {**cfg, "optimizer": {"type": "AdamW"}}})))
+        deepspeed_config(
+            SimpleNamespace(**(vars(args) | {"deepspeed": {**cfg, "optimizer": {"type": "AdamW"}}}))
+        )
     with pytest.raises(ConfigError, match="gradient_accumulation_steps"):
-        deepspeed_config(SimpleNamespace(**(vars(args) | {"deepspeed": {**cfg, "gradient_accumulation_steps": 8}})))
+        deepspeed_config(
+            SimpleNamespace(**(vars(args) | {"deepspeed": {**cfg, "gradient_accumulation_steps": 8}}))
+        )
     # `accelerate launch` with a DeepSpeed config passes the JSON through the environment
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(CONFIGS / "ds_zero3.json"))
-    assert deepspeed_config(SimpleNamespace(**(vars(args) | {"deepspeed": None})))["zero_optimization"]["stage"] == 3
+    assert (
+        deepspeed_config(SimpleNamespace(**(vars(args) | {"deepspeed": None})))["zero_optimization"]["stage"]
+        == 3
+    )
 
 
 @pytest.mark.gpu
@@ -252,13 +317,39 @@ def test_deepspeed_zero_matches_ddp(stage, tmp_path):
     """GPU-pending: DeepSpeed is an optional dependency and needs CUDA. Runs 2 GPUs x ZeRO-`stage` against DDP."""
     pytest.importorskip("deepspeed", reason="the optional `deepspeed` dependency group is not installed")
     shards = tmp_path / "shards"
-    _run([sys.executable, str(TRAIN_SCRIPT), "prepare", "--dataset", "builtin", "--tokenizer_vocab_size", "1024",
-          "--out", str(shards)])
+    _run(
+        [
+            sys.executable,
+            str(TRAIN_SCRIPT),
+            "prepare",
+            "--dataset",
+            "builtin",
+            "--tokenizer_vocab_size",
+            "1024",
+            "--out",
+            str(shards),
+        ]
+    )
     ref, ds = tmp_path / "ddp", tmp_path / f"zero{stage}"
     _run(torchrun_command(_common(shards, ref, save_steps=0, gradient_accumulation_steps=2), 2), timeout=600)
-    _run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", str(TRAIN_SCRIPT),
-          *_common(shards, ds, save_steps=0, gradient_accumulation_steps=2,
-                   deepspeed=CONFIGS / f"ds_zero{stage}.json")], timeout=600)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "deepspeed.launcher.runner",
+            "--num_gpus",
+            "2",
+            str(TRAIN_SCRIPT),
+            *_common(
+                shards,
+                ds,
+                save_steps=0,
+                gradient_accumulation_steps=2,
+                deepspeed=CONFIGS / f"ds_zero{stage}.json",
+            ),
+        ],
+        timeout=600,
+    )
     np.testing.assert_allclose(_train_losses(ds), _train_losses(ref), rtol=1e-3)
 
 
@@ -269,11 +360,34 @@ def test_fsdp_matches_ddp(tmp_path):
     """GPU-only. On a CPU accelerate 1.15 silently ignores distributed_type FSDP: AcceleratorState switches to
     FSDP only for GPU-like device types, a cpu=True run stays MULTI_CPU (observed: identical losses to DDP)."""
     shards = tmp_path / "shards"
-    _run([sys.executable, str(TRAIN_SCRIPT), "prepare", "--dataset", "builtin", "--tokenizer_vocab_size", "1024",
-          "--out", str(shards)])
+    _run(
+        [
+            sys.executable,
+            str(TRAIN_SCRIPT),
+            "prepare",
+            "--dataset",
+            "builtin",
+            "--tokenizer_vocab_size",
+            "1024",
+            "--out",
+            str(shards),
+        ]
+    )
     ref, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
     _run(torchrun_command(_common(shards, ref), 2), timeout=600)
-    _run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "accelerate_fsdp.yaml"),
-          "--num_processes", "2", str(TRAIN_SCRIPT), *_common(shards, fsdp)], timeout=600)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(CONFIGS / "accelerate_fsdp.yaml"),
+            "--num_processes",
+            "2",
+            str(TRAIN_SCRIPT),
+            *_common(shards, fsdp),
+        ],
+        timeout=600,
+    )
     np.testing.assert_allclose(_train_losses(fsdp), _train_losses(ref), rtol=1e-4)
     _assert_same_weights(ref, fsdp)  # get_state_dict gathers the full state dict on rank 0

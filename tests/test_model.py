@@ -53,6 +53,8 @@ def test_init_from_local_checkpoint_resizes_for_a_bigger_tokenizer(tmp_path):
     lm = build_model(ModelArguments(preset="tiny"), 300, 299)
     lm.save_pretrained(tmp_path / "m")
     again = build_model(ModelArguments(init_from=str(tmp_path / "m")), 300, 299)
-    assert all(torch.equal(a, b) for a, b in zip(lm.state_dict().values(), again.state_dict().values(), strict=True))
+    assert all(
+        torch.equal(a, b) for a, b in zip(lm.state_dict().values(), again.state_dict().values(), strict=True)
+    )
     bigger = build_model(ModelArguments(init_from=str(tmp_path / "m")), 400, 399)
     assert bigger.config.vocab_size == 448 and bigger.get_input_embeddings().weight.shape[0] == 448

@@ -16,7 +16,9 @@ from gpt2_training.data.sources import open_source
 from gpt2_training.data.tokenizer import train_bpe_tokenizer
 from gpt2_training.errors import DataError
 
-DOCS = [f"Document {i}: " + " ".join(f"word{(i * 7 + j) % 53}" for j in range(5 + i % 17)) for i in range(120)]
+DOCS = [
+    f"Document {i}: " + " ".join(f"word{(i * 7 + j) % 53}" for j in range(5 + i % 17)) for i in range(120)
+]
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +66,14 @@ def test_split_is_stable_and_disjoint(jsonl, tokenizer):
     assert 0 < len(val) < len(DOCS) and set(train).isdisjoint(val)
     assert val == [d for d in DOCS if is_validation(d, 200)]  # stable
     for split, docs in (("train", train), ("validation", val)):
-        s = stream(open_source(str(jsonl), shuffle=False), tokenizer, split=split, validation_per_mille=200,
-                   loop=False, block_size=8)
+        s = stream(
+            open_source(str(jsonl), shuffle=False),
+            tokenizer,
+            split=split,
+            validation_per_mille=200,
+            loop=False,
+            block_size=8,
+        )
         packed = np.concatenate(list(s)).tolist()
         assert packed == expected_tokens(tokenizer, docs)[: len(packed)]
 
@@ -89,8 +97,15 @@ def test_two_ranks_read_disjoint_documents_and_tokenize_only_their_own(jsonl, to
         eos_token_id = tokenizer.eos_token_id
 
     for rank in (0, 1):
-        s = stream(open_source(str(jsonl), shuffle=False), Recording(rank), validation_per_mille=0,
-                   rank=rank, world_size=2, loop=False, block_size=8)
+        s = stream(
+            open_source(str(jsonl), shuffle=False),
+            Recording(rank),
+            validation_per_mille=0,
+            rank=rank,
+            world_size=2,
+            loop=False,
+            block_size=8,
+        )
         list(s)
     assert set(seen[0]).isdisjoint(seen[1])
     assert sorted(seen[0] + seen[1]) == sorted(DOCS)
@@ -107,7 +122,9 @@ def write_deeplake(path: Path, docs: list[str]) -> Path:
     return path
 
 
-def test_same_documents_give_the_same_tokens_through_files_deeplake_and_hf_datasets(jsonl, tmp_path, tokenizer):
+def test_same_documents_give_the_same_tokens_through_files_deeplake_and_hf_datasets(
+    jsonl, tmp_path, tokenizer
+):
     lake = write_deeplake(tmp_path / "lake", DOCS)
     single = tmp_path / "all.jsonl"
     single.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
@@ -132,8 +149,14 @@ def roundtrip(state):
 @pytest.mark.parametrize("shuffle_buffer", [0, 7])
 def test_token_stream_resumes_exactly(jsonl, tokenizer, shuffle_buffer):
     def make():
-        return stream(open_source(str(jsonl), shuffle=True, seed=3), tokenizer, shuffle_buffer=shuffle_buffer,
-                      seed=3, validation_per_mille=100, read_chars=300)
+        return stream(
+            open_source(str(jsonl), shuffle=True, seed=3),
+            tokenizer,
+            shuffle_buffer=shuffle_buffer,
+            seed=3,
+            validation_per_mille=100,
+            read_chars=300,
+        )
 
     straight = make()
     reference = [next(straight).tolist() for _ in range(400)]  # several epochs of this small corpus
@@ -165,7 +188,9 @@ def test_resume_fails_when_the_data_shrank(jsonl, tokenizer):
         f.unlink()
     first = sorted(jsonl.iterdir())[0]
     first.write_text(first.read_text().splitlines(keepends=True)[0])  # the saved position is now past the end
-    resumed = stream(open_source(str(jsonl), shuffle=False), tokenizer, validation_per_mille=0, read_chars=100)
+    resumed = stream(
+        open_source(str(jsonl), shuffle=False), tokenizer, validation_per_mille=0, read_chars=100
+    )
     with pytest.raises(DataError, match="ran out while resuming"):
         resumed.load_state_dict(*saved)  # fails at once, not after the already-packed sequences run out
 
@@ -179,11 +204,18 @@ def test_corpus_smaller_than_one_block_says_how_many_tokens(tmp_path, tokenizer)
 
 
 def test_shards_hold_exactly_the_tokens_and_resume_in_o1(jsonl, tmp_path, tokenizer):
-    meta = prepare_shards(open_source(str(jsonl), shuffle=False), tokenizer, tmp_path / "shards",
-                          validation_per_mille=100, shard_tokens=500, progress=False)
+    meta = prepare_shards(
+        open_source(str(jsonl), shuffle=False),
+        tokenizer,
+        tmp_path / "shards",
+        validation_per_mille=100,
+        shard_tokens=500,
+        progress=False,
+    )
     assert meta["dtype"] == "uint16" and len(meta["shards"]["train"]) > 1
-    on_disk = np.concatenate([np.fromfile(tmp_path / "shards" / f["file"], dtype=np.uint16)
-                              for f in meta["shards"]["train"]]).tolist()
+    on_disk = np.concatenate(
+        [np.fromfile(tmp_path / "shards" / f["file"], dtype=np.uint16) for f in meta["shards"]["train"]]
+    ).tolist()
     train_docs = [d for d in DOCS if not is_validation(d, 100)]
     assert on_disk == expected_tokens(tokenizer, train_docs)
     assert meta["tokens"]["train"] == len(on_disk)

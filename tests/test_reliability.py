@@ -72,7 +72,9 @@ def test_bit_exact_resume_streaming(tmp_path, env):
 def test_bit_exact_resume_shards(tmp_path, env):
     """Same as the streaming case for the pre-tokenized path (`train.py prepare`, then `--shards_dir`)."""
     shards = tmp_path / "shards"
-    prep = run_train(["prepare", "--dataset", "builtin", "--tokenizer_vocab_size", "1024", "--out", str(shards)], env)
+    prep = run_train(
+        ["prepare", "--dataset", "builtin", "--tokenizer_vocab_size", "1024", "--out", str(shards)], env
+    )
     assert prep.returncode == 0, prep.stdout
     _bit_exact(tmp_path, env, shards_dir=str(shards), tokenizer=str(shards / "tokenizer"))
 
@@ -90,6 +92,7 @@ def _save_forever(out: Path, start: int) -> None:
 
     step = start
     while True:
+
         def write(tmp: Path, step=step) -> None:
             ckpt.torch_save(_fake_state(step), tmp / "optimizer.pt")
             ckpt.save_arrays({"a": np.full(100_000, step)}, tmp / "rank0.npz")
@@ -122,7 +125,9 @@ def _kill_loop(out: Path, kills: int, seed: int) -> None:
         os.waitpid(pid, 0)
         ckpt.cleanup_partial(out)  # what a restart does first
         latest = ckpt.latest_checkpoint(out)
-        assert latest is not None, f"no loadable checkpoint after kill {kill} (seed {seed}): {os.listdir(out)}"
+        assert latest is not None, (
+            f"no loadable checkpoint after kill {kill} (seed {seed}): {os.listdir(out)}"
+        )
         assert ckpt.verify(latest) is None
         n = int(latest.name.split("-")[1])
         assert torch.equal(ckpt.torch_load(latest / "optimizer.pt")["weights"], _fake_state(n)["weights"])
@@ -137,8 +142,10 @@ def test_sigkill_during_saves_and_rotation_always_leaves_a_loadable_checkpoint(t
     SIGKILLed at 40 random moments (mostly inside a save or a rotation). After every kill, the restart's clean-up
     leaves a checkpoint that verifies, whose content is the step its name says, and no temporary folder."""
     seed = random.randrange(1 << 30)
-    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from pathlib import Path; "
-            f"from test_reliability import _kill_loop; _kill_loop(Path({str(tmp_path / 'run')!r}), 40, {seed})")
+    code = (
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from pathlib import Path; "
+        f"from test_reliability import _kill_loop; _kill_loop(Path({str(tmp_path / 'run')!r}), 40, {seed})"
+    )
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "40 kills" in proc.stdout
@@ -282,8 +289,16 @@ def test_resume_refuses_changed_shape_tokenizer_length_or_batch(tmp_path, env, c
         assert run(tiny_args(out, "--allow_resume_changes", "true", max_steps=4, **changes[key])) == 2, key
         assert "cannot resume" in capsys.readouterr().err
     assert ckpt.list_checkpoints(out) == [out / "checkpoint-2"]
-    result = main(tiny_args(out, "--allow_resume_changes", "true", max_steps=4, per_device_train_batch_size=2,
-                            gradient_accumulation_steps=2))
+    result = main(
+        tiny_args(
+            out,
+            "--allow_resume_changes",
+            "true",
+            max_steps=4,
+            per_device_train_batch_size=2,
+            gradient_accumulation_steps=2,
+        )
+    )
     assert result.resumed_from == str(out / "checkpoint-2") and result.step == 4
 
 
@@ -300,13 +315,28 @@ def test_all_configuration_errors_are_reported_at_once_before_any_work(tmp_path,
     monkeypatch.setattr(trainer, "build_model", forbidden)
     monkeypatch.setattr(trainer, "resolve_tokenizer", forbidden)
     out = tmp_path / "run"
-    rc = run(tiny_args(out, preset="huge", n_embd=65, n_head=2, block_size=512, gradient_accumulation_steps=0,
-                       precision="fp16", dataset=str(tmp_path / "missing.jsonl")))
+    rc = run(
+        tiny_args(
+            out,
+            preset="huge",
+            n_embd=65,
+            n_head=2,
+            block_size=512,
+            gradient_accumulation_steps=0,
+            precision="fp16",
+            dataset=str(tmp_path / "missing.jsonl"),
+        )
+    )
     err = capsys.readouterr().err
     assert rc == 2
-    for problem in ("unknown preset 'huge'", "n_embd=65 is not divisible by n_head=2", "block_size=512 exceeds",
-                    "gradient_accumulation_steps must be >= 1", "precision=fp16 needs a CUDA GPU",
-                    "missing.jsonl' does not exist"):
+    for problem in (
+        "unknown preset 'huge'",
+        "n_embd=65 is not divisible by n_head=2",
+        "block_size=512 exceeds",
+        "gradient_accumulation_steps must be >= 1",
+        "precision=fp16 needs a CUDA GPU",
+        "missing.jsonl' does not exist",
+    ):
         assert problem in err, (problem, err)
     assert all(line.startswith("error: ") for line in err.strip().splitlines())
     assert not out.exists()
@@ -462,11 +492,19 @@ def test_remote_names_fail_fast_offline_with_a_clear_fix(tmp_path, env, shared_c
         "init_from": (tiny_args(tmp_path / "a", init_from="gpt2", tokenizer=tok), ["gpt2"]),
         "tokenizer": (tiny_args(tmp_path / "b", tokenizer="gpt2"), ["--tokenizer train"]),
         "openwebtext": (tiny_args(tmp_path / "c", dataset="openwebtext", tokenizer=tok), ["openwebtext"]),
-        "hf": (tiny_args(tmp_path / "d", dataset="hf:nobody/no-such-data", tokenizer=tok), ["nobody/no-such-data"]),
+        "hf": (
+            tiny_args(tmp_path / "d", dataset="hf:nobody/no-such-data", tokenizer=tok),
+            ["nobody/no-such-data"],
+        ),
     }
     sub = {**env, "HF_HOME": str(tmp_path / "hf-home"), "HF_DATASETS_CACHE": str(tmp_path / "hf-datasets")}
-    proc = subprocess.run([sys.executable, "-c", _OFFLINE_PROBE, json.dumps([a for a, _ in cases.values()])],
-                          env=sub, capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(
+        [sys.executable, "-c", _OFFLINE_PROBE, json.dumps([a for a, _ in cases.values()])],
+        env=sub,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = json.loads(proc.stdout.split("RESULTS", 1)[1])
     for (name, (_, words)), r in zip(cases.items(), results, strict=True):
@@ -487,7 +525,9 @@ _WORDS = "the model reads text and learns which token follows which one in long 
 def _write_corpus(path: Path, docs: int, seed: int = 0) -> Path:
     """A jsonl file of `docs` documents of ~400 characters each (deterministic)."""
     rng = random.Random(seed)
-    lines = [json.dumps({"text": " ".join(rng.choice(_WORDS) for _ in range(80)) + f" #{i}"}) for i in range(docs)]
+    lines = [
+        json.dumps({"text": " ".join(rng.choice(_WORDS) for _ in range(80)) + f" #{i}"}) for i in range(docs)
+    ]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -544,7 +584,9 @@ def test_resume_cost_does_not_grow_with_the_data_already_consumed(tmp_path, env,
     _, uninterrupted = stream()  # and the restored stream continues exactly where the original was
     for _ in range(40_000):
         next(uninterrupted)
-    assert all((a == b).all() for a, b in zip(late_batch, [next(uninterrupted) for _ in range(8)], strict=True))
+    assert all(
+        (a == b).all() for a, b in zip(late_batch, [next(uninterrupted) for _ in range(8)], strict=True)
+    )
 
 
 def test_data_that_runs_out_on_resume_is_an_error_not_a_finished_run(tmp_path, env, shared_cache):
@@ -554,8 +596,14 @@ def test_data_that_runs_out_on_resume_is_an_error_not_a_finished_run(tmp_path, e
     from gpt2_training.cli import main
 
     corpus = _write_corpus(tmp_path / "data.jsonl", 1500)  # ~600 K characters: read in more than one batch
-    settings = dict(dataset=str(corpus), tokenizer=str(_cached_tokenizer(shared_cache)), block_size=64,
-                    per_device_train_batch_size=16, shuffle_buffer=0, save_final_model="false")
+    settings = dict(
+        dataset=str(corpus),
+        tokenizer=str(_cached_tokenizer(shared_cache)),
+        block_size=64,
+        per_device_train_batch_size=16,
+        shuffle_buffer=0,
+        save_final_model="false",
+    )
     out = tmp_path / "run"
     main(tiny_args(out, max_steps=2, **settings))
     saved = json.loads((out / "checkpoint-2" / "rank0.json").read_text())["data"]["cursor"]

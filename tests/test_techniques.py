@@ -65,13 +65,24 @@ def test_accumulation_equals_a_bigger_batch(env, tmp_path, capsys):
 
 def test_gradient_clipping_bounds_the_update(env, tmp_path):
     """With SGD at lr 1 and a constant schedule, one clipped step moves the weights by exactly max_grad_norm."""
-    res = run(tmp_path, "clip", optim="sgd", learning_rate=1.0, lr_scheduler_type="constant", warmup_steps=0,
-              weight_decay=0.0, max_grad_norm=0.01, max_steps=1)
+    res = run(
+        tmp_path,
+        "clip",
+        optim="sgd",
+        learning_rate=1.0,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=0.01,
+        max_steps=1,
+    )
     before = build_model(ModelArguments(preset="tiny"), 1024, 0)  # same seed => same initial weights
     torch.manual_seed(1337)
     before = build_model(ModelArguments(preset="tiny"), 1024, 0)
     after = AutoModelForCausalLM.from_pretrained(res.final_model_dir)
-    delta = torch.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(after.parameters(), before.parameters(), strict=True)))
+    delta = torch.sqrt(
+        sum(((a - b) ** 2).sum() for a, b in zip(after.parameters(), before.parameters(), strict=True))
+    )
     assert read_log(tmp_path / "clip")[1]["grad_norm"] > 0.01
     assert delta.item() == pytest.approx(0.01, rel=1e-3)
 
@@ -109,8 +120,11 @@ def test_8bit_adamw_runs_on_cpu(env, tmp_path):
     assert all(math.isfinite(x) for x in res.losses) and res.losses[-1] < res.losses[0]
     import bitsandbytes as bnb  # noqa: F401  (the state really is 8-bit)
 
-    opt_state = torch.load(Path(res.output_dir) / "checkpoint-4" / "optimizer.pt", weights_only=True) \
-        if (Path(res.output_dir) / "checkpoint-4").exists() else None
+    opt_state = (
+        torch.load(Path(res.output_dir) / "checkpoint-4" / "optimizer.pt", weights_only=True)
+        if (Path(res.output_dir) / "checkpoint-4").exists()
+        else None
+    )
     if opt_state is not None:
         dtypes = {v.dtype for s in opt_state["state"].values() for v in s.values() if torch.is_tensor(v)}
         assert torch.uint8 in dtypes
@@ -130,8 +144,15 @@ def test_sdpa_and_eager_attention_agree(env, tmp_path):
 
 def test_continue_training_from_a_locally_saved_model(env, tmp_path):
     first = run(tmp_path, "first", max_steps=8)
-    second = run(tmp_path, "second", init_from=first.final_model_dir, tokenizer=first.final_model_dir,
-                 max_steps=2, warmup_steps=0, learning_rate=1e-4)
+    second = run(
+        tmp_path,
+        "second",
+        init_from=first.final_model_dir,
+        tokenizer=first.final_model_dir,
+        max_steps=2,
+        warmup_steps=0,
+        learning_rate=1e-4,
+    )
     scratch_loss = first.initial_eval["eval_loss"]
     assert second.initial_eval["eval_loss"] == pytest.approx(first.final_eval["eval_loss"], rel=1e-4)
     assert second.initial_eval["eval_loss"] < scratch_loss

@@ -80,7 +80,9 @@ def verify(path: Path) -> str | None:
     return None
 
 
-def save_checkpoint(output_dir: str | Path, step: int, write_files: Any, save_total_limit: int | None) -> Path:
+def save_checkpoint(
+    output_dir: str | Path, step: int, write_files: Any, save_total_limit: int | None
+) -> Path:
     """Create `checkpoint-<step>` atomically: `write_files(tmp_dir)` fills a temporary folder, which is synced,
     given a manifest and renamed into place; then old checkpoints beyond `save_total_limit` are removed."""
     out = Path(output_dir)
@@ -100,11 +102,17 @@ def save_checkpoint(output_dir: str | Path, step: int, write_files: Any, save_to
         with open(manifest, "rb") as fh:
             os.fsync(fh.fileno())
         _fsync_dir(tmp)
-        if final.exists():  # the same step saved again (e.g. after skipped non-finite steps moved the data on);
-            _remove(final)  # dying before the rename below leaves a complete tmp folder: cleanup_partial renames it
+        if (
+            final.exists()
+        ):  # the same step saved again (e.g. after skipped non-finite steps moved the data on);
+            _remove(
+                final
+            )  # dying before the rename below leaves a complete tmp folder: cleanup_partial renames it
         os.replace(tmp, final)
         _fsync_dir(out)
-    except Exception as exc:  # whatever failed (OSError, torch's RuntimeError, SafetensorError), clean up the same way
+    except (
+        Exception
+    ) as exc:  # whatever failed (OSError, torch's RuntimeError, SafetensorError), clean up the same way
         shutil.rmtree(tmp, ignore_errors=True)
         previous = latest_checkpoint(out)
         kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"

@@ -18,9 +18,15 @@ from .config import ARG_CLASSES, Config, DataArguments
 from .errors import ConfigError, GPT2TrainingError, TrainingStopped
 
 SUBCOMMANDS = ("train", "prepare", "plan", "estimate")
+
+
 def _is_secret(name: str) -> bool:
     name = name.split("=")[0].lstrip("-").lower()
-    return name == "token" or name.endswith("_token") or any(w in name for w in ("api_key", "password", "secret"))
+    return (
+        name == "token"
+        or name.endswith("_token")
+        or any(w in name for w in ("api_key", "password", "secret"))
+    )
 
 
 def _refuse_secrets(items: list[str]) -> None:
@@ -52,7 +58,9 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
 def parser() -> HfArgumentParser:
     p = HfArgumentParser(ARG_CLASSES, description="Train a GPT-2 model (see `train.py --help`).")
-    p.add_argument("--config", default=None, help="YAML or JSON file of settings; command-line flags override it.")
+    p.add_argument(
+        "--config", default=None, help="YAML or JSON file of settings; command-line flags override it."
+    )
     return p
 
 
@@ -151,7 +159,9 @@ def summary(result) -> str:
             f"entropy) {result.unigram_bpb:.3f} bits/byte"
         )
     if result.tokens_per_s:
-        lines.append(f"trained {result.step} steps, {result.tokens_seen:,} tokens, {result.tokens_per_s:,.0f} tokens/s")
+        lines.append(
+            f"trained {result.step} steps, {result.tokens_seen:,} tokens, {result.tokens_per_s:,.0f} tokens/s"
+        )
     for s in result.samples:
         lines.append(f"--- sample ---\n{s}")
     return "\n".join(lines)

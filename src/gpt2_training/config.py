@@ -39,24 +39,33 @@ class ModelArguments:
     preset: str = field(default="tiny", metadata={"help": f"Model size: one of {', '.join(PRESETS)}."})
     n_layer: int | None = field(default=None, metadata={"help": "Override the preset's number of blocks."})
     n_head: int | None = field(default=None, metadata={"help": "Override the preset's attention heads."})
-    n_embd: int | None = field(default=None, metadata={"help": "Override the preset's width (divisible by n_head)."})
-    n_positions: int | None = field(default=None, metadata={"help": "Override the longest sequence the model takes."})
+    n_embd: int | None = field(
+        default=None, metadata={"help": "Override the preset's width (divisible by n_head)."}
+    )
+    n_positions: int | None = field(
+        default=None, metadata={"help": "Override the longest sequence the model takes."}
+    )
     init_from: str = field(
         default="scratch",
-        metadata={"help": "'scratch' (GPT-2 initialisation), a Hub name such as 'gpt2', or a local model folder."},
+        metadata={
+            "help": "'scratch' (GPT-2 initialisation), a Hub name such as 'gpt2', or a local model folder."
+        },
     )
     dropout: float = field(
         default=0.0, metadata={"help": "Dropout on embeddings, attention and residuals (0 for pretraining)."}
     )
     pad_vocab_to_multiple_of: int = field(
-        default=64, metadata={"help": "Round the embedding table up (50257 -> 50304) for faster matmuls; 1 = off."}
+        default=64,
+        metadata={"help": "Round the embedding table up (50257 -> 50304) for faster matmuls; 1 = off."},
     )
     attn_implementation: str = field(
         default="sdpa", metadata={"help": "Attention kernel: 'sdpa', 'eager' or 'flash_attention_2'."}
     )
     loss_impl: str = field(
         default="chunked",
-        metadata={"help": "'chunked' (fused, never builds fp32 logits) or 'hf' (GPT2LMHeadModel's own loss)."},
+        metadata={
+            "help": "'chunked' (fused, never builds fp32 logits) or 'hf' (GPT2LMHeadModel's own loss)."
+        },
     )
 
 
@@ -73,22 +82,36 @@ class DataArguments:
     )
     text_field: str = field(default="text", metadata={"help": "Field or column that holds the text."})
     dataset_split: str = field(default="train", metadata={"help": "Split to stream from a Hub dataset."})
-    txt_mode: str = field(default="file", metadata={"help": ".txt files: 'file' (one document each) or 'paragraph'."})
+    txt_mode: str = field(
+        default="file", metadata={"help": ".txt files: 'file' (one document each) or 'paragraph'."}
+    )
     shards_dir: str | None = field(
-        default=None, metadata={"help": "Folder of token shards written by `train.py prepare` (fastest input)."}
+        default=None,
+        metadata={"help": "Folder of token shards written by `train.py prepare` (fastest input)."},
     )
     tokenizer: str = field(
         default="auto",
-        metadata={"help": "'auto' (train a BPE on the built-in corpus, else GPT-2's), 'train', a Hub name or a folder."},
+        metadata={
+            "help": "'auto' (train a BPE on the built-in corpus, else GPT-2's), 'train', a Hub name or a folder."
+        },
     )
-    tokenizer_vocab_size: int = field(default=8192, metadata={"help": "Vocabulary size when training a tokenizer."})
+    tokenizer_vocab_size: int = field(
+        default=8192, metadata={"help": "Vocabulary size when training a tokenizer."}
+    )
     block_size: int = field(default=256, metadata={"help": "Tokens per training sequence (<= n_positions)."})
     validation_per_mille: int = field(
-        default=50, metadata={"help": "Documents held out for evaluation, per thousand, chosen by a hash of the text."}
+        default=50,
+        metadata={"help": "Documents held out for evaluation, per thousand, chosen by a hash of the text."},
     )
-    shuffle_buffer: int = field(default=512, metadata={"help": "Packed sequences in the seeded shuffle buffer; 0 = off."})
-    shuffle_shards: bool = field(default=True, metadata={"help": "Shuffle file/shard order each epoch (seeded)."})
-    eval_max_sequences: int = field(default=256, metadata={"help": "Held-out sequences used by each evaluation."})
+    shuffle_buffer: int = field(
+        default=512, metadata={"help": "Packed sequences in the seeded shuffle buffer; 0 = off."}
+    )
+    shuffle_shards: bool = field(
+        default=True, metadata={"help": "Shuffle file/shard order each epoch (seeded)."}
+    )
+    eval_max_sequences: int = field(
+        default=256, metadata={"help": "Held-out sequences used by each evaluation."}
+    )
     max_piece_chars: int = field(default=1_000_000, metadata={"help": "Longer documents are read in pieces."})
 
 
@@ -98,19 +121,25 @@ class RunArguments:
 
     precision: str = field(
         default="auto",
-        metadata={"help": "auto | bf16 | fp16 | fp32. auto: bf16 where supported, fp16 on older GPUs, else fp32."},
+        metadata={
+            "help": "auto | bf16 | fp16 | fp32. auto: bf16 where supported, fp16 on older GPUs, else fp32."
+        },
     )
     resume: str = field(
-        default="auto", metadata={"help": "'auto' (newest complete checkpoint in output_dir), 'never', or a path."}
+        default="auto",
+        metadata={"help": "'auto' (newest complete checkpoint in output_dir), 'never', or a path."},
     )
     overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Delete an existing output_dir before starting (with --resume never)."}
+        default=False,
+        metadata={"help": "Delete an existing output_dir before starting (with --resume never)."},
     )
     allow_resume_changes: bool = field(
-        default=False, metadata={"help": "Resume even if the batch size or accumulation differs from the checkpoint."}
+        default=False,
+        metadata={"help": "Resume even if the batch size or accumulation differs from the checkpoint."},
     )
     max_bad_steps: int = field(
-        default=5, metadata={"help": "Stop after this many consecutive steps with a non-finite loss or gradient."}
+        default=5,
+        metadata={"help": "Stop after this many consecutive steps with a non-finite loss or gradient."},
     )
     sample_prompts: list[str] = field(
         default_factory=lambda: ["The", "A function that"],
@@ -118,25 +147,39 @@ class RunArguments:
     )
     sample_max_new_tokens: int = field(default=40, metadata={"help": "Tokens generated per sample."})
     plot: bool = field(default=True, metadata={"help": "Save loss_curve.png in output_dir at the end."})
-    save_final_model: bool = field(default=True, metadata={"help": "Save model + tokenizer to output_dir/final."})
+    save_final_model: bool = field(
+        default=True, metadata={"help": "Save model + tokenizer to output_dir/final."}
+    )
 
 
 @dataclass
 class GPT2TrainingArguments(TrainingArguments):
     """Hugging Face `TrainingArguments` with defaults for GPT-2 pretraining (nanoGPT's recipe, scaled down)."""
 
-    output_dir: str = field(default="runs/gpt2", metadata={"help": "Where checkpoints, logs and the model go."})
-    per_device_train_batch_size: int = field(default=16, metadata={"help": "Sequences per device per micro-step."})
-    per_device_eval_batch_size: int = field(default=16, metadata={"help": "Sequences per device per eval batch."})
+    output_dir: str = field(
+        default="runs/gpt2", metadata={"help": "Where checkpoints, logs and the model go."}
+    )
+    per_device_train_batch_size: int = field(
+        default=16, metadata={"help": "Sequences per device per micro-step."}
+    )
+    per_device_eval_batch_size: int = field(
+        default=16, metadata={"help": "Sequences per device per eval batch."}
+    )
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-steps per optimizer step."})
     learning_rate: float = field(default=6e-4, metadata={"help": "Peak learning rate."})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW decay on matrices (not biases/norms)."})
     adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the global gradient norm; 0 = off."})
     max_steps: int = field(default=1000, metadata={"help": "Optimizer steps to train for."})
-    warmup_steps: float = field(default=100, metadata={"help": "Linear warmup steps (a float < 1 is a ratio)."})
-    lr_scheduler_type: SchedulerType | str = field(default="cosine", metadata={"help": "cosine, linear, constant_with_warmup..."})
-    optim: OptimizerNames | str = field(default="adamw_torch", metadata={"help": f"One of {', '.join(SUPPORTED_OPTIMIZERS)}."})
+    warmup_steps: float = field(
+        default=100, metadata={"help": "Linear warmup steps (a float < 1 is a ratio)."}
+    )
+    lr_scheduler_type: SchedulerType | str = field(
+        default="cosine", metadata={"help": "cosine, linear, constant_with_warmup..."}
+    )
+    optim: OptimizerNames | str = field(
+        default="adamw_torch", metadata={"help": f"One of {', '.join(SUPPORTED_OPTIMIZERS)}."}
+    )
     logging_steps: float = field(default=10, metadata={"help": "Log every N optimizer steps."})
     eval_steps: float | None = field(default=200, metadata={"help": "Evaluate (and sample) every N steps."})
     save_steps: float = field(default=200, metadata={"help": "Write an atomic checkpoint every N steps."})
@@ -144,10 +187,14 @@ class GPT2TrainingArguments(TrainingArguments):
     seed: int = field(default=1337, metadata={"help": "Seed for initialisation, dropout and data order."})
     report_to: None | str | list[str] = field(
         default="none",
-        metadata={"help": "none, tensorboard, wandb (offline without a key); several: --report_to wandb tensorboard.",
-                  "nargs": "+"},  # without it the parser keeps only the first name
+        metadata={
+            "help": "none, tensorboard, wandb (offline without a key); several: --report_to wandb tensorboard.",
+            "nargs": "+",
+        },  # without it the parser keeps only the first name
     )
-    dataloader_num_workers: int = field(default=0, metadata={"help": "Unused: the data pipeline runs in-process."})
+    dataloader_num_workers: int = field(
+        default=0, metadata={"help": "Unused: the data pipeline runs in-process."}
+    )
 
 
 ARG_CLASSES = (ModelArguments, DataArguments, RunArguments, GPT2TrainingArguments)
@@ -206,7 +253,9 @@ def validate(cfg: Config, *, cuda_available: bool, bf16_ok: bool) -> None:
     if not 0.0 <= m.dropout < 1.0:
         problems.append(f"dropout={m.dropout} must be in [0, 1)")
     if m.attn_implementation not in ("sdpa", "eager", "flash_attention_2"):
-        problems.append(f"attn_implementation={m.attn_implementation!r}: use sdpa, eager or flash_attention_2")
+        problems.append(
+            f"attn_implementation={m.attn_implementation!r}: use sdpa, eager or flash_attention_2"
+        )
     if m.loss_impl not in ("chunked", "hf"):
         problems.append(f"loss_impl={m.loss_impl!r}: use 'chunked' or 'hf'")
     if m.pad_vocab_to_multiple_of < 1:
@@ -230,7 +279,9 @@ def validate(cfg: Config, *, cuda_available: bool, bf16_ok: bool) -> None:
     if t.learning_rate <= 0:
         problems.append("learning_rate must be > 0")
     if str(getattr(t.optim, "value", t.optim)) not in SUPPORTED_OPTIMIZERS:
-        problems.append(f"optim={t.optim!r} is not supported here: use one of {', '.join(SUPPORTED_OPTIMIZERS)}")
+        problems.append(
+            f"optim={t.optim!r} is not supported here: use one of {', '.join(SUPPORTED_OPTIMIZERS)}"
+        )
     if r.precision not in PRECISIONS:
         problems.append(f"precision={r.precision!r}: use one of {', '.join(PRECISIONS)}")
     elif r.precision == "fp16" and not cuda_available:
@@ -242,7 +293,9 @@ def validate(cfg: Config, *, cuda_available: bool, bf16_ok: bool) -> None:
     if r.resume not in ("auto", "never") and not Path(r.resume).exists():
         problems.append(f"resume={r.resume!r}: no such checkpoint; use 'auto', 'never' or an existing path")
     if r.overwrite_output_dir and r.resume != "never":
-        problems.append("overwrite_output_dir needs --resume never (otherwise the run would resume, not restart)")
+        problems.append(
+            "overwrite_output_dir needs --resume never (otherwise the run would resume, not restart)"
+        )
     if d.dataset != "builtin" and _looks_local(d.dataset) and not _glob_matches(d.dataset):
         problems.append(f"dataset path {d.dataset!r} does not exist: check the path or glob")
     if problems:

@@ -59,8 +59,14 @@ def _as_argv(args: Sequence[str] | Mapping[str, Any]) -> list[str]:
     return [str(a) for a in args]
 
 
-def torchrun_command(args: Sequence[str] | Mapping[str, Any], nproc: int, *, master_port: int | None = None,
-                     script: str | Path = TRAIN_SCRIPT, python: str = sys.executable) -> list[str]:
+def torchrun_command(
+    args: Sequence[str] | Mapping[str, Any],
+    nproc: int,
+    *,
+    master_port: int | None = None,
+    script: str | Path = TRAIN_SCRIPT,
+    python: str = sys.executable,
+) -> list[str]:
     """The command line `launch_multiprocess` runs (shown in notebooks so it can be copied to a shell)."""
     cmd = [python, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
     if nproc > 1:
@@ -76,9 +82,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_multiprocess(args: Sequence[str] | Mapping[str, Any], nproc: int = 2, *, env: Mapping[str, str] | None = None,
-                        stream: bool = True, check: bool = True, cwd: str | Path | None = None,
-                        master_port: int | None = None) -> subprocess.CompletedProcess:
+def launch_multiprocess(
+    args: Sequence[str] | Mapping[str, Any],
+    nproc: int = 2,
+    *,
+    env: Mapping[str, str] | None = None,
+    stream: bool = True,
+    check: bool = True,
+    cwd: str | Path | None = None,
+    master_port: int | None = None,
+) -> subprocess.CompletedProcess:
     """Run `train.py` on `nproc` processes with torchrun, streaming its output; returns the completed process.
 
     `args` is a train.py argument list (`["--config", "x.yaml", "--max_steps", "50"]`) or a mapping of settings
@@ -94,8 +107,15 @@ def launch_multiprocess(args: Sequence[str] | Mapping[str, Any], nproc: int = 2,
     full_env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default too; silences its warning
     full_env.setdefault("TOKENIZERS_PARALLELISM", "false")
     full_env.update(env or {})
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                            env=full_env, cwd=str(cwd or REPO_ROOT))
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+        env=full_env,
+        cwd=str(cwd or REPO_ROOT),
+    )
     lines: list[str] = []
     try:
         assert proc.stdout is not None
@@ -119,7 +139,9 @@ def launch_multiprocess(args: Sequence[str] | Mapping[str, Any], nproc: int = 2,
 def _deepspeed_source(train_args) -> Any:
     if getattr(train_args, "deepspeed", None):
         return train_args.deepspeed
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":  # `accelerate launch` DeepSpeed config
+    if (
+        os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    ):  # `accelerate launch` DeepSpeed config
         path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
         return None if path == "none" else path
     return None
@@ -145,9 +167,12 @@ def deepspeed_config(train_args) -> dict | None:
     problems = [
         f"DeepSpeed config has a {s!r} section: remove it - this project builds AdamW and the learning-rate "
         f"schedule from the training settings (--optim, --learning_rate, --lr_scheduler_type ...)"
-        for s in FORBIDDEN_DS_SECTIONS if s in cfg
+        for s in FORBIDDEN_DS_SECTIONS
+        if s in cfg
     ]
-    clip = float(train_args.max_grad_norm) if train_args.max_grad_norm and train_args.max_grad_norm > 0 else 0.0
+    clip = (
+        float(train_args.max_grad_norm) if train_args.max_grad_norm and train_args.max_grad_norm > 0 else 0.0
+    )
     wanted = {
         "train_micro_batch_size_per_gpu": int(train_args.per_device_train_batch_size),
         "gradient_accumulation_steps": int(train_args.gradient_accumulation_steps),
@@ -158,8 +183,10 @@ def deepspeed_config(train_args) -> dict | None:
         if current == "auto":
             cfg[key] = value
         elif float(current) != float(value):
-            problems.append(f"DeepSpeed config sets {key}={current} but the training settings say {value}: "
-                            f"use \"auto\" in the JSON")
+            problems.append(
+                f"DeepSpeed config sets {key}={current} but the training settings say {value}: "
+                f'use "auto" in the JSON'
+            )
     # train_batch_size "auto" is computed by Accelerate from the micro batch, accumulation and process count.
     if problems:
         raise ConfigError(problems)

@@ -125,7 +125,11 @@ def chunked_cross_entropy(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 4096
 ) -> torch.Tensor:
     """Mean next-token loss from final hidden states [N, D], the output matrix [V, D] and targets [N]."""
-    dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else None
+    dtype = (
+        torch.get_autocast_dtype(hidden.device.type)
+        if torch.is_autocast_enabled(hidden.device.type)
+        else None
+    )
     with torch.autocast(hidden.device.type, enabled=False):
         return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk_size, dtype or hidden.dtype)
 
@@ -150,6 +154,8 @@ class CausalLMWithLoss(torch.nn.Module):
         return chunked_cross_entropy(h, self.lm.lm_head.weight, input_ids[:, 1:].reshape(-1))
 
 
-def reference_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def reference_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
     """The plain computation the chunked loss must match (used by tests and benchmarks)."""
     return F.cross_entropy((hidden @ weight.t()).float(), targets)

@@ -34,7 +34,11 @@ class Reporter:
         if "wandb" in report_to:
             import wandb
 
-            mode = "online" if os.environ.get("WANDB_API_KEY") and os.environ.get("WANDB_MODE") != "offline" else "offline"
+            mode = (
+                "online"
+                if os.environ.get("WANDB_API_KEY") and os.environ.get("WANDB_MODE") != "offline"
+                else "offline"
+            )
             self._wandb = wandb.init(
                 project=os.environ.get("WANDB_PROJECT", "gpt2-training"),
                 dir=str(output_dir),
@@ -66,7 +70,9 @@ class Reporter:
 
 def plot_loss_curve(history: list[dict], path: str | Path, title: str = "") -> Path | None:
     """Training loss per step and held-out loss per evaluation, saved as a PNG."""
-    train = [(r["step"], r["loss"]) for r in history if r.get("event") == "train" and math.isfinite(r["loss"])]
+    train = [
+        (r["step"], r["loss"]) for r in history if r.get("event") == "train" and math.isfinite(r["loss"])
+    ]
     evals = [(r["step"], r["eval_loss"]) for r in history if r.get("event") == "eval"]
     if not train and not evals:
         return None

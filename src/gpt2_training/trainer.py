@@ -151,7 +151,9 @@ class Engine:
         self.precision, self.precision_reason = resolve_precision(cfg.run.precision)
         t = cfg.train
         plugin = None
-        ds_config = deepspeed_config(t)  # --deepspeed or `accelerate launch`'s DeepSpeed file, "auto" filled in
+        ds_config = deepspeed_config(
+            t
+        )  # --deepspeed or `accelerate launch`'s DeepSpeed file, "auto" filled in
         if ds_config is not None:
             from accelerate.utils import DeepSpeedPlugin
 
@@ -198,7 +200,9 @@ class Engine:
         cfg, t = self.cfg, self.cfg.train
         self.resume_path = self._prepare_output_dir()
         self._seed(t.seed)
-        with self.acc.main_process_first():  # one process builds the corpus/tokenizer caches, the others reuse
+        with (
+            self.acc.main_process_first()
+        ):  # one process builds the corpus/tokenizer caches, the others reuse
             self.tokenizer = resolve_tokenizer(cfg.data, seed=t.seed)
         vocab = len(self.tokenizer)
         self.lm = build_model(cfg.model, vocab, self.tokenizer.eos_token_id)
@@ -260,8 +264,10 @@ class Engine:
                 self.lm.save_pretrained(tmp, state_dict=lm_weights, safe_serialization=True)
                 ckpt.torch_save(self.optimizer.state_dict(), tmp / "optimizer.pt")
                 ckpt.torch_save(
-                    {"scheduler": self.scheduler.state_dict(),
-                     "scaler": self.acc.scaler.state_dict() if self.acc.scaler is not None else None},
+                    {
+                        "scheduler": self.scheduler.state_dict(),
+                        "scaler": self.acc.scaler.state_dict() if self.acc.scaler is not None else None,
+                    },
                     tmp / "scheduler.pt",
                 )
                 for r, st in enumerate(states):
@@ -269,11 +275,22 @@ class Engine:
                         json.dumps({"data": st["data_meta"], "python_rng": _py_rng_to_json(st["python_rng"])})
                     )
                     ckpt.save_arrays(st["data_arrays"], tmp / f"rank{r}.npz")
-                    ckpt.torch_save({"torch_rng": st["torch_rng"], "cuda_rng": st["cuda_rng"]}, tmp / f"rank{r}.pt")
-                (tmp / "trainer_state.json").write_text(json.dumps({
-                    "step": self.step, "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped,
-                    "fingerprint": self.fingerprint, "settings": self.cfg.to_dict(),
-                }, indent=1, default=str))
+                    ckpt.torch_save(
+                        {"torch_rng": st["torch_rng"], "cuda_rng": st["cuda_rng"]}, tmp / f"rank{r}.pt"
+                    )
+                (tmp / "trainer_state.json").write_text(
+                    json.dumps(
+                        {
+                            "step": self.step,
+                            "tokens_seen": self.tokens_seen,
+                            "skipped_steps": self.skipped,
+                            "fingerprint": self.fingerprint,
+                            "settings": self.cfg.to_dict(),
+                        },
+                        indent=1,
+                        default=str,
+                    )
+                )
 
             path = ckpt.save_checkpoint(self.out, self.step, write, self.cfg.train.save_total_limit)
         self.acc.wait_for_everyone()
@@ -311,7 +328,11 @@ class Engine:
         if rng["cuda_rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda_rng"])
         random.setstate(_py_rng_from_json(rank_json["python_rng"]))
-        self.step, self.tokens_seen, self.skipped = state["step"], state["tokens_seen"], state["skipped_steps"]
+        self.step, self.tokens_seen, self.skipped = (
+            state["step"],
+            state["tokens_seen"],
+            state["skipped_steps"],
+        )
         self.saved_state, self.saved_path = (self.step, self.tokens_seen), path
 
     # -- evaluation and samples ---------------------------------------------------------------------------------
@@ -338,14 +359,19 @@ class Engine:
                 mean = chunked_cross_entropy(h, self.lm.lm_head.weight, targets)
             sums += torch.tensor(
                 [mean.item() * len(targets), len(targets), self.token_bytes[targets.cpu()].sum().item()],
-                dtype=torch.float64, device=self.acc.device,
+                dtype=torch.float64,
+                device=self.acc.device,
             )
         if self.world > 1:
             sums = self.acc.reduce(sums, reduction="sum")
         self.lm.train()
         nats, tokens, n_bytes = sums.tolist()
         loss = nats / max(tokens, 1)
-        return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50)), "eval_bpb": bits_per_byte(nats, n_bytes)}
+        return {
+            "eval_loss": loss,
+            "eval_perplexity": math.exp(min(loss, 50)),
+            "eval_bpb": bits_per_byte(nats, n_bytes),
+        }
 
     @torch.no_grad()
     def sample(self, seed: int = 0) -> list[str]:
@@ -360,8 +386,14 @@ class Engine:
                 if ids.shape[1] == 0:
                     ids = torch.tensor([[self.tokenizer.eos_token_id]], device=self.acc.device)
                 gen = self.lm.generate(
-                    ids, attention_mask=torch.ones_like(ids), max_new_tokens=r.sample_max_new_tokens, do_sample=True, top_k=50, temperature=0.8,
-                    pad_token_id=self.tokenizer.eos_token_id, use_cache=True,
+                    ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=r.sample_max_new_tokens,
+                    do_sample=True,
+                    top_k=50,
+                    temperature=0.8,
+                    pad_token_id=self.tokenizer.eos_token_id,
+                    use_cache=True,
                 )
                 out.append(self.tokenizer.decode(gen[0], skip_special_tokens=True))
         self.lm.train()
@@ -384,7 +416,9 @@ class Engine:
         self.reporter.log(record)
         if self.is_main:
             fields = " ".join(
-                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items() if k != "event"
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                for k, v in record.items()
+                if k != "event"
             )
             print(f"[{record.get('event')}] {fields}", flush=True)
 
@@ -411,7 +445,9 @@ class Engine:
             res.unigram_bpb = unigram_byte_entropy(
                 [self.tokenizer.decode(s, skip_special_tokens=True) for s in self.val_seqs]
             )
-            self._log({"event": "eval", "step": 0, **res.initial_eval, "unigram_byte_entropy": res.unigram_bpb})
+            self._log(
+                {"event": "eval", "step": 0, **res.initial_eval, "unigram_byte_entropy": res.unigram_bpb}
+            )
         max_norm = t.max_grad_norm if t.max_grad_norm and t.max_grad_norm > 0 else float("inf")
         log_every = max(int(t.logging_steps), 1)
         eval_every = int(t.eval_steps) if t.eval_steps else 0
@@ -427,7 +463,9 @@ class Engine:
                 loss_sum = torch.zeros((), device=self.acc.device)
                 for micro in range(A):
                     x = self._next_batch(B)
-                    if self.ds:  # the engine scales by 1/A itself and clips + steps at the accumulation boundary
+                    if (
+                        self.ds
+                    ):  # the engine scales by 1/A itself and clips + steps at the accumulation boundary
                         with self.acc.accumulate(self.model):
                             with self.acc.autocast():
                                 loss = self.model(x)
@@ -453,7 +491,9 @@ class Engine:
                 self._raw_optimizer.zero_grad(set_to_none=True)
                 if self.acc.optimizer_step_was_skipped:  # fp16 overflow: the scaler lowered its scale
                     self.skipped += 1
-                    self._log({"event": "fp16_overflow", "step": self.step, "scale": self.acc.scaler.get_scale()})
+                    self._log(
+                        {"event": "fp16_overflow", "step": self.step, "scale": self.acc.scaler.get_scale()}
+                    )
                     continue
                 self.scheduler.step()
                 self.step += 1
@@ -466,9 +506,15 @@ class Engine:
                 if self.step % log_every == 0 or self.step == t.max_steps:
                     tps = window_tokens / max(window_time, 1e-9)
                     mfu, _ = describe_mfu(tps, flops_tok, self.precision)
-                    rec = {"event": "train", "step": self.step, "loss": loss_f, "grad_norm": norm_f,
-                           "lr": self.scheduler.get_last_lr()[0], "tokens_seen": self.tokens_seen,
-                           "tokens_per_s": tps}
+                    rec = {
+                        "event": "train",
+                        "step": self.step,
+                        "loss": loss_f,
+                        "grad_norm": norm_f,
+                        "lr": self.scheduler.get_last_lr()[0],
+                        "tokens_seen": self.tokens_seen,
+                        "tokens_per_s": tps,
+                    }
                     if mfu is not None:
                         rec["mfu"] = mfu
                     self._log(rec)
@@ -480,7 +526,9 @@ class Engine:
                         res.evals.append({"step": self.step, **ev})
                         self._log({"event": "eval", "step": self.step, **ev})
                         if self.is_main and cfg.run.sample_prompts:
-                            self._log({"event": "sample", "step": self.step, "text": self.sample(self.step)[0]})
+                            self._log(
+                                {"event": "sample", "step": self.step, "text": self.sample(self.step)[0]}
+                            )
                 if save_every and self.step % save_every == 0:
                     self.save()
             return self._finish(res, stopped)
@@ -496,8 +544,16 @@ class Engine:
         self.skipped += 1
         self.bad_in_a_row += 1
         res.skipped_steps = self.skipped
-        self._log({"event": "nonfinite", "step": self.step, "loss": loss_f, "grad_norm": norm_f,
-                   "skipped_total": self.skipped, "in_a_row": self.bad_in_a_row})
+        self._log(
+            {
+                "event": "nonfinite",
+                "step": self.step,
+                "loss": loss_f,
+                "grad_norm": norm_f,
+                "skipped_total": self.skipped,
+                "in_a_row": self.bad_in_a_row,
+            }
+        )
         if self.bad_in_a_row >= self.cfg.run.max_bad_steps:
             self.reporter.close()
             raise TrainingStopped(
@@ -531,8 +587,11 @@ class Engine:
                 res.final_model_dir = str(self._save_final(res))
             self._log({"event": "data", "step": self.step, **res.data_stats})
             if self.cfg.run.plot:
-                plot_loss_curve(self.reporter.history, self.out / "loss_curve.png",
-                                title=f"{self.cfg.model.preset} on {self.cfg.data.dataset}")
+                plot_loss_curve(
+                    self.reporter.history,
+                    self.out / "loss_curve.png",
+                    title=f"{self.cfg.model.preset} on {self.cfg.data.dataset}",
+                )
         self.reporter.close()
         self.acc.wait_for_everyone()
         return res
@@ -570,11 +629,18 @@ def _py_rng_from_json(state: list) -> tuple:
 
 def _model_card(cfg: Config, metrics: dict, n_params: int) -> str:
     lines = [
-        "---", "library_name: transformers", "pipeline_tag: text-generation", "---", "",
-        f"# GPT-2 ({cfg.model.preset}, {n_params / 1e6:.1f} M parameters)", "",
+        "---",
+        "library_name: transformers",
+        "pipeline_tag: text-generation",
+        "---",
+        "",
+        f"# GPT-2 ({cfg.model.preset}, {n_params / 1e6:.1f} M parameters)",
+        "",
         f"Trained with gpt2-training on `{cfg.data.dataset}` for {metrics['step']} steps "
-        f"({metrics['tokens_seen']:,} tokens), initialised from `{cfg.model.init_from}`.", "",
-        "| metric | value |", "|---|---|",
+        f"({metrics['tokens_seen']:,} tokens), initialised from `{cfg.model.init_from}`.",
+        "",
+        "| metric | value |",
+        "|---|---|",
     ]
     lines += [f"| {k} | {v:.4f} |" for k, v in metrics.items() if isinstance(v, float)]
     return "\n".join(lines) + "\n"

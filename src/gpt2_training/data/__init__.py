@@ -36,7 +36,9 @@ def resolve_tokenizer(args: DataArguments, seed: int = 0):
     if name != "train":
         return load_tokenizer(name)
     texts, chars = [], 0
-    for piece in source_from_args(args, seed).pieces(0, None):  # training documents only: held-out stays unseen
+    for piece in source_from_args(args, seed).pieces(
+        0, None
+    ):  # training documents only: held-out stays unseen
         if not is_validation(piece.text, args.validation_per_mille):
             texts.append(piece.text)
             chars += len(piece.text)
@@ -48,7 +50,9 @@ def resolve_tokenizer(args: DataArguments, seed: int = 0):
 def train_stream(args: DataArguments, tokenizer, seed: int, rank: int = 0, world_size: int = 1):
     """The endless, shuffled, resumable stream of training sequences for this process."""
     if args.shards_dir:
-        return ShardStream(args.shards_dir, "train", args.block_size, seed=seed, rank=rank, world_size=world_size)
+        return ShardStream(
+            args.shards_dir, "train", args.block_size, seed=seed, rank=rank, world_size=world_size
+        )
     return TokenStream(
         source_from_args(args, seed),
         tokenizer,
@@ -77,8 +81,12 @@ def validation_sequences(args: DataArguments, tokenizer, seed: int) -> np.ndarra
             max_piece_chars=args.max_piece_chars,
         )
         stream = TokenStream(
-            source, tokenizer, args.block_size, split="validation",
-            validation_per_mille=args.validation_per_mille, loop=False,
+            source,
+            tokenizer,
+            args.block_size,
+            split="validation",
+            validation_per_mille=args.validation_per_mille,
+            loop=False,
         )
     seqs = []
     for seq in stream:

@@ -96,7 +96,11 @@ def builtin_documents() -> list[str]:
         return json.loads(path.read_text(encoding="utf-8"))["documents"]
     docs = build_builtin_documents()
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"key": key, "sha256": hashlib.sha256("\x00".join(docs).encode()).hexdigest(), "documents": docs}
+    payload = {
+        "key": key,
+        "sha256": hashlib.sha256("\x00".join(docs).encode()).hexdigest(),
+        "documents": docs,
+    }
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(payload), encoding="utf-8")
     os.replace(tmp, path)  # atomic: a killed build never leaves a truncated cache

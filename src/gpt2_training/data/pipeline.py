@@ -79,7 +79,11 @@ class TokenStream:
         self.source, self.tokenizer, self.block_size = source, tokenizer, block_size
         self.split, self.per_mille = split, validation_per_mille
         self.shuffle_buffer, self.seed, self.rank, self.world_size, self.loop = (
-            shuffle_buffer, seed, rank, world_size, loop,
+            shuffle_buffer,
+            seed,
+            rank,
+            world_size,
+            loop,
         )
         self.eos = tokenizer.eos_token_id
         self.read_chars = read_chars
@@ -165,7 +169,11 @@ class TokenStream:
 
     def __next__(self) -> np.ndarray:
         while True:
-            if self.shuffle_buffer and self.buffer and (len(self.buffer) >= self.shuffle_buffer or self._finished):
+            if (
+                self.shuffle_buffer
+                and self.buffer
+                and (len(self.buffer) >= self.shuffle_buffer or self._finished)
+            ):
                 i = int(self.rng.integers(len(self.buffer)))
                 self.buffer[i], self.buffer[-1] = self.buffer[-1], self.buffer[i]
                 return self._emit(self.buffer.pop())
@@ -222,7 +230,9 @@ class TokenStream:
 
     def load_state_dict(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
         if meta.get("block_size") != self.block_size:
-            raise DataError(f"data state was saved with block_size={meta.get('block_size')}, not {self.block_size}")
+            raise DataError(
+                f"data state was saved with block_size={meta.get('block_size')}, not {self.block_size}"
+            )
         self.cursor = _Cursor(**meta["cursor"])
         self.rng.bit_generator.state = meta["rng"]
         self.counters = StreamStats(**meta["stats"])

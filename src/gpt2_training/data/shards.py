@@ -125,12 +125,24 @@ def prepare_shards(
 class ShardStream:
     """`block_size` windows from memory-mapped shards, in a seeded order per epoch, split across ranks."""
 
-    def __init__(self, folder: str | Path, split: str, block_size: int, *, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, shuffle: bool = True, loop: bool = True):
+    def __init__(
+        self,
+        folder: str | Path,
+        split: str,
+        block_size: int,
+        *,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+        loop: bool = True,
+    ):
         self.folder = Path(folder)
         meta_path = self.folder / "meta.json"
         if not meta_path.exists():
-            raise DataError(f"{self.folder} has no meta.json: run `train.py prepare --out {self.folder}` first")
+            raise DataError(
+                f"{self.folder} has no meta.json: run `train.py prepare --out {self.folder}` first"
+            )
         self.meta = json.loads(meta_path.read_text())
         self.split, self.block_size, self.seed = split, block_size, seed
         self.rank, self.world_size, self.shuffle, self.loop = rank, world_size, shuffle, loop
@@ -155,7 +167,9 @@ class ShardStream:
     def _epoch_order(self) -> np.ndarray:
         if self._order is None:
             if self.shuffle:
-                self._order = np.random.Generator(np.random.PCG64([self.seed, self.epoch])).permutation(self.n_windows)
+                self._order = np.random.Generator(np.random.PCG64([self.seed, self.epoch])).permutation(
+                    self.n_windows
+                )
             else:
                 self._order = np.arange(self.n_windows)
         return self._order
@@ -176,8 +190,15 @@ class ShardStream:
         return np.asarray(self.maps[shard][start : start + self.block_size])
 
     def state_dict(self) -> tuple[dict, dict[str, np.ndarray]]:
-        return {"kind": "shards", "source": str(self.folder), "split": self.split, "block_size": self.block_size,
-                "epoch": self.epoch, "index": self.index, "world_size": self.world_size}, {}
+        return {
+            "kind": "shards",
+            "source": str(self.folder),
+            "split": self.split,
+            "block_size": self.block_size,
+            "epoch": self.epoch,
+            "index": self.index,
+            "world_size": self.world_size,
+        }, {}
 
     def load_state_dict(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
         if meta.get("block_size") != self.block_size or meta.get("world_size") != self.world_size:

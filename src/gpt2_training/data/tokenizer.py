@@ -21,7 +21,9 @@ from .corpus import cache_dir
 EOS = "<|endoftext|>"
 
 
-def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path) -> PreTrainedTokenizerFast:
+def train_bpe_tokenizer(
+    texts: Iterable[str], vocab_size: int, out_dir: str | Path
+) -> PreTrainedTokenizerFast:
     """Train a GPT-2 style byte-level BPE (same pre-tokenizer, same end-of-text token) and save it."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -70,7 +72,9 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerFast:
             "or use --tokenizer train (a BPE trained on your corpus) or a local tokenizer folder"
         ) from exc
     if not tok.is_fast:
-        raise ConfigError(f"tokenizer {name_or_path!r} has no fast (Rust) version; batch tokenization needs one")
+        raise ConfigError(
+            f"tokenizer {name_or_path!r} has no fast (Rust) version; batch tokenization needs one"
+        )
     if tok.eos_token_id is None:
         raise ConfigError(f"tokenizer {name_or_path!r} has no end-of-text token to separate documents")
     tok.model_max_length = 1 << 30
