@@ -617,3 +617,30 @@ def test_data_that_runs_out_on_resume_is_an_error_not_a_finished_run(tmp_path, e
     assert len(errors) == 1 and "the data stream ran out while resuming" in errors[0], errors
     assert "--resume never" in errors[0]
     assert not (out / "final").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 loss scaling needs a CUDA GPU")
+def test_fp16_overflow_skips_keep_step_and_schedule_consistent(tmp_path, env, monkeypatch):
+    """Under fp16 an inf gradient with a finite loss is the loss scaler's business: the optimizer step is skipped,
+    counted and logged, the scale is lowered, and neither the step counter nor the schedule advances."""
+    from gpt2_training.cli import parse_config
+    from gpt2_training.model import CausalLMWithLoss
+    from gpt2_training.trainer import Engine
+
+    calls = {"n": 0}
+    real_forward = CausalLMWithLoss.forward
+
+    def forward(self, input_ids):
+        calls["n"] += 1
+        loss = real_forward(self, input_ids)
+        return loss * 1e30 if calls["n"] in (2, 3) else loss  # overflows fp16 gradients, loss stays finite fp32
+
+    monkeypatch.setattr(CausalLMWithLoss, "forward", forward)
+    out = tmp_path / "run"
+    engine = Engine(parse_config(tiny_args(out, precision="fp16", max_steps=5, save_steps=100)))
+    engine.train()
+    assert engine.step == 5 and engine.skipped == 2
+    assert engine.scheduler.last_epoch == engine.step
+    assert [r["event"] for r in read_log(out)].count("fp16_overflow") == 2
+    assert all(torch.isfinite(p).all() for p in engine.lm.parameters())

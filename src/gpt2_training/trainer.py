@@ -305,6 +305,12 @@ class Engine:
         return self.saved_path
 
     def load(self, path: Path) -> None:
+        if self.ds:  # refuse rather than load rank 0's optimizer shard into every rank
+            raise CheckpointError(
+                f"cannot resume {path} under DeepSpeed yet: ZeRO shards the optimizer state across processes and "
+                "these checkpoints hold only rank 0's shard. Start again with --resume never and --init_from "
+                f"{path} (weights only), or train with torchrun (DDP), which resumes exactly"
+            )
         problem = ckpt.verify(path)
         if problem:
             raise CheckpointError(f"checkpoint {path} is damaged ({problem}); pass an older one to --resume")
