@@ -634,7 +634,9 @@ def test_fp16_overflow_skips_keep_step_and_schedule_consistent(tmp_path, env, mo
     def forward(self, input_ids):
         calls["n"] += 1
         loss = real_forward(self, input_ids)
-        return loss * 1e30 if calls["n"] in (2, 3) else loss  # overflows fp16 gradients, loss stays finite fp32
+        return (
+            loss * 1e30 if calls["n"] in (2, 3) else loss
+        )  # overflows fp16 gradients, loss stays finite fp32
 
     monkeypatch.setattr(CausalLMWithLoss, "forward", forward)
     out = tmp_path / "run"
