@@ -56,7 +56,7 @@ def test_bench_training_smoke(tmp_path):
     saved = json.loads(out.read_text())
     assert out.with_suffix(".md").exists()
     names = [r["name"] for r in saved["rows"]]
-    assert names == ["seed", "recipe", "reference", "engine", "raw"]
+    assert names == ["seed", "recipe", "reference", "engine", "raw", "hf_trainer"]
     for row in saved["rows"]:
         assert ROW_KEYS <= set(row), row
         assert row["tokens_per_s"] > 0
@@ -64,6 +64,7 @@ def test_bench_training_smoke(tmp_path):
         assert row["peak_memory_bytes"] >= 0
     engine = saved["rows"][3]
     assert engine["overhead_ratio"] > 0 and len(engine["overhead_ratio_pairs"]) == 1
+    assert saved["rows"][5]["overhead_ratio_median_step"] > 0  # transformers.Trainer vs the raw loop
     assert {"cpu", "cpu_count", "torch"} <= set(saved["machine"])
     assert result["rows"][0]["tokens_per_s"] == saved["rows"][0]["tokens_per_s"]
 
