@@ -16,13 +16,14 @@ from .tokenizer import cached_bpe_tokenizer, load_tokenizer
 TRAIN_TOKENIZER_MAX_CHARS = 50_000_000  # a BPE learned from 50 M characters is as good as from all of them
 
 
-def source_from_args(args: DataArguments, seed: int):
+def source_from_args(args: DataArguments, seed: int, shuffle: bool | None = None):
+    """The settings' data source; `shuffle` overrides --shuffle_shards (held-out data is read in order)."""
     return open_source(
         args.dataset,
         text_field=args.text_field,
         split=args.dataset_split,
         txt_mode=args.txt_mode,
-        shuffle=args.shuffle_shards,
+        shuffle=args.shuffle_shards if shuffle is None else shuffle,
         seed=seed,
         max_piece_chars=args.max_piece_chars,
     )
@@ -71,15 +72,7 @@ def validation_sequences(args: DataArguments, tokenizer, seed: int) -> np.ndarra
     if args.shards_dir:
         stream = ShardStream(args.shards_dir, "validation", args.block_size, shuffle=False, loop=False)
     else:
-        source = open_source(
-            args.dataset,
-            text_field=args.text_field,
-            split=args.dataset_split,
-            txt_mode=args.txt_mode,
-            shuffle=False,
-            seed=seed,
-            max_piece_chars=args.max_piece_chars,
-        )
+        source = source_from_args(args, seed, shuffle=False)
         stream = TokenStream(
             source,
             tokenizer,
