@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, gather_object
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, gather_object
 from safetensors.torch import load_file
 from transformers.utils import logging as hf_logging
 
@@ -168,6 +168,10 @@ class Engine:
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
         )
         self.is_main = self.acc.is_main_process
+        # With ZeRO-3 or FSDP each process holds a shard of the weights: generating text on one process would wait
+        # for the others forever, and the final save must gather the full state dict on every process first.
+        zero3 = plugin is not None and getattr(plugin, "zero_stage", 0) == 3
+        self.sharded = zero3 or self.acc.distributed_type == DistributedType.FSDP
         self.out = Path(t.output_dir)
         self.signals = _SignalFlag()  # installed around the loop and the final evaluation
 
@@ -531,7 +535,7 @@ class Engine:
                     if ev is not None:  # None: interrupted by a signal, which the loop condition handles
                         res.evals.append({"step": self.step, **ev})
                         self._log({"event": "eval", "step": self.step, **ev})
-                        if self.is_main and cfg.run.sample_prompts:
+                        if self.is_main and cfg.run.sample_prompts and not self.sharded:
                             self._log(
                                 {"event": "sample", "step": self.step, "text": self.sample(self.step)[0]}
                             )
@@ -585,12 +589,16 @@ class Engine:
             self.reporter.close()
             return res
         self._log({"event": "eval", "step": self.step, **res.final_eval})
+        full_weights = None
+        if self.cfg.run.save_final_model and self.sharded:  # a collective: every process takes part
+            full_weights = {k.removeprefix("lm."): v for k, v in self.acc.get_state_dict(self.model).items()}
         if self.is_main:
-            res.samples = self.sample(seed=self.cfg.train.seed)
+            if not self.sharded:
+                res.samples = self.sample(seed=self.cfg.train.seed)
             for s in res.samples:
                 self._log({"event": "sample", "step": self.step, "text": s})
             if self.cfg.run.save_final_model:
-                res.final_model_dir = str(self._save_final(res))
+                res.final_model_dir = str(self._save_final(res, full_weights))
             self._log({"event": "data", "step": self.step, **res.data_stats})
             if self.cfg.run.plot:
                 plot_loss_curve(
@@ -602,13 +610,14 @@ class Engine:
         self.acc.wait_for_everyone()
         return res
 
-    def _save_final(self, res: TrainResult) -> Path:
-        """model + tokenizer in Hugging Face format, written to a temporary folder and renamed when complete."""
+    def _save_final(self, res: TrainResult, state_dict: dict | None = None) -> Path:
+        """model + tokenizer in Hugging Face format, written to a temporary folder and renamed when complete;
+        `state_dict` is the gathered full state when the weights are sharded across processes."""
         final = self.out / "final"
         tmp = self.out / ".final.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         self.lm.config.use_cache = True
-        self.lm.save_pretrained(tmp, safe_serialization=True)
+        self.lm.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         self.tokenizer.save_pretrained(tmp)
         metrics = {"step": res.step, "tokens_seen": res.tokens_seen, **(res.final_eval or {})}
         (tmp / "training_metrics.json").write_text(json.dumps(metrics, indent=1))
