@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import OFFLINE
 from safetensors.torch import load_file
 
 from gpt2_training.launch import (
@@ -31,14 +32,7 @@ from gpt2_training.launch import (
 )
 
 CONFIGS = REPO_ROOT / "01-Full-Fine-Tuning" / "configs"
-ENV = {
-    "OMP_NUM_THREADS": "1",
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "WANDB_MODE": "offline",
-    "TOKENIZERS_PARALLELISM": "false",
-    "PYTHONPATH": str(REPO_ROOT / "src"),
-}
+ENV = {**OFFLINE, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT / "src")}
 STEPS = 6
 LOSS_RTOL = 1e-5
 WEIGHT_ATOL = 5e-5  # observed max |diff| 5.5e-6 after 6 Adam steps; one Adam step moves weights ~lr = 3e-3
