@@ -78,8 +78,18 @@ def test_split_is_stable_and_disjoint(jsonl, tokenizer):
         assert packed == expected_tokens(tokenizer, docs)[: len(packed)]
 
 
-def test_two_ranks_read_disjoint_documents_and_tokenize_only_their_own(jsonl, tokenizer):
+@pytest.mark.parametrize("files", [1, 3])
+def test_two_ranks_read_disjoint_documents_and_tokenize_only_their_own(tmp_path, tokenizer, files):
+    """One file: both ranks read it and each keeps every other document. Three files (at least one shard per
+    process): each rank reads only its own files, measured by the documents its source yields."""
+    folder = tmp_path / f"docs{files}"
+    folder.mkdir()
+    per_file = len(DOCS) // files
+    for part in range(files):
+        rows = DOCS[part * per_file : (part + 1) * per_file]
+        (folder / f"part{part}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in rows))
     seen: dict[int, list[str]] = {0: [], 1: []}
+    read: dict[int, int] = {}
 
     class Recording:
         """The real tokenizer, recording which texts each rank asks it to encode."""
@@ -97,19 +107,20 @@ def test_two_ranks_read_disjoint_documents_and_tokenize_only_their_own(jsonl, to
         eos_token_id = tokenizer.eos_token_id
 
     for rank in (0, 1):
+        source = open_source(str(folder), shuffle=False)
         s = stream(
-            open_source(str(jsonl), shuffle=False),
-            Recording(rank),
-            validation_per_mille=0,
-            rank=rank,
-            world_size=2,
-            loop=False,
-            block_size=8,
+            source, Recording(rank), validation_per_mille=0, rank=rank, world_size=2, loop=False, block_size=8
         )
         list(s)
+        read[rank] = source.stats["documents_read"]
     assert set(seen[0]).isdisjoint(seen[1])
     assert sorted(seen[0] + seen[1]) == sorted(DOCS)
-    assert abs(len(seen[0]) - len(seen[1])) <= 1
+    if files == 1:
+        assert abs(len(seen[0]) - len(seen[1])) <= 1
+        assert read == {0: len(DOCS), 1: len(DOCS)}
+    else:
+        # rank 0 owns files 0 and 2, rank 1 file 1: each read exactly the documents it tokenized
+        assert read == {0: len(seen[0]), 1: len(seen[1])} == {0: 2 * per_file, 1: per_file}
 
 
 def write_deeplake(path: Path, docs: list[str]) -> Path:

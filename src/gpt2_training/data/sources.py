@@ -38,7 +38,6 @@ import random
 import socket
 import warnings
 from abc import ABC, abstractmethod
-from bisect import bisect_right
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -52,6 +51,13 @@ Position = Any  # JSON-serialisable marker; here always [shard_rank, offset, cha
 
 SUPPORTED_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 OPENWEBTEXT_HUB_NAME = "Skylion007/openwebtext"
+# The Hub's parquet conversion of OpenWebText (80 parquet shards under plain_text/); main held the loading
+# script that datasets >= 4 refuses. A branch, not a commit: no commit id could be verified from here.
+OPENWEBTEXT_REVISION = "refs/convert/parquet"
+OPENWEBTEXT_ALTERNATIVES = (
+    "use --dataset openwebtext (pinned to its parquet revision), download the parquet files and pass their "
+    "folder, or stream another corpus such as hf:HuggingFaceFW/fineweb-edu:sample-10BT"
+)
 DEEPLAKE_CHUNK_ROWS = 1024  # shuffle granularity for DeepLake: big enough for sequential reads
 _DEEPLAKE_BATCH_ROWS = 256
 _REMOTE_DEEPLAKE = ("al://", "hub://")
@@ -114,14 +120,29 @@ class _ShardedSource(DocumentSource):
                 return
         raise DataError(f"{self.description}: no documents found; check that the source is not empty")
 
-    def pieces(self, epoch: int = 0, position: Position | None = None) -> Iterator[Piece]:
+    def pieces(
+        self,
+        epoch: int = 0,
+        position: Position | None = None,
+        shards: list[int] | None = None,
+        starts: dict[int, tuple[int, int]] | None = None,
+    ) -> Iterator[Piece]:
+        """Pieces in epoch order after `position`; `shards` limits reading to those shard ranks (this process's
+        own, so it never reads another's bytes) and `starts` gives a shard rank's first [offset, chars]."""
+        resuming = position is not None
         start_rank, start_offset, start_chars = self._parse_position(position)
         order = self.shard_order(epoch)
         size = self.max_piece_chars
-        for rank in range(start_rank, self.num_shards):
-            offset, skip = (start_offset, start_chars) if rank == start_rank else (0, 0)
+        starts = dict(starts or {})
+        if resuming:
+            starts[start_rank] = (start_offset, start_chars)
+        for rank in range(self.num_shards) if shards is None else shards:
+            if resuming and rank < start_rank:
+                continue
+            offset, skip = starts.get(rank, (0, 0))
             for begin, text, end, ends_document in self._read(order[rank], offset):
                 if text is None:  # a null value is a missing document, not an empty one
+                    self.stats["documents_skipped"] += 1
                     continue
                 done, skip = skip, 0
                 text = text[done:]
@@ -134,6 +155,16 @@ class _ShardedSource(DocumentSource):
                     yield Piece(text[cut : cut + size], position, final and ends_document)
                 if ends_document:
                     self.stats["documents_read"] += 1
+
+    def describe(self, epoch: int, position: Position | None) -> str:
+        """Where a position points, for error messages: the shard (file) and the offset inside it."""
+        if position is None:
+            return f"{self.description}, start of epoch {epoch}"
+        rank, offset, _ = self._parse_position(position)
+        return f"{self._shard_name(self.shard_order(epoch)[rank])}, offset {offset}"
+
+    def _shard_name(self, shard: int) -> str:
+        return f"{self.description}, shard {shard}"
 
     def _parse_position(self, position: Position | None) -> tuple[int, int, int]:
         if position is None:
@@ -201,7 +232,7 @@ class BuiltinSource(_ShardedSource):
 
 
 class LocalFileSource(_ShardedSource):
-    """Local .txt/.jsonl/.json/.parquet files; each file is a shard."""
+    """Local .txt/.jsonl/.json/.parquet files; each file is a shard, and each row group of a parquet file."""
 
     def __init__(
         self,
@@ -213,19 +244,26 @@ class LocalFileSource(_ShardedSource):
         seed: int,
         max_piece_chars: int,
     ):
+        # (file, parquet row group or -1): row groups are shards so processes can split even one parquet file
+        self.shards = [(i, group) for i, f in enumerate(files) for group in _row_groups(f, text_field)]
         super().__init__(
-            _files_description("local files", spec, files), len(files), shuffle, seed, max_piece_chars
+            _files_description("local files", spec, files), len(self.shards), shuffle, seed, max_piece_chars
         )
         self.files = files
         self.text_field = text_field
         self.txt_mode = txt_mode
         self._check_not_empty()
 
+    def _shard_name(self, shard: int) -> str:
+        index, group = self.shards[shard]
+        return f"{self.files[index]}" + (f" (row group {group})" if group >= 0 else "")
+
     def _read(self, shard: int, offset: int) -> Iterator[_Segment]:
-        path = self.files[shard]
+        index, group = self.shards[shard]
+        path = self.files[index]
         suffix = path.suffix.lower()
         if suffix == ".parquet":
-            return self._read_parquet(path, offset)
+            return self._read_parquet(path, group, offset)
         if suffix == ".txt":
             return (
                 self._read_txt(path, offset)
@@ -290,21 +328,14 @@ class LocalFileSource(_ShardedSource):
         for index in range(offset, len(records)):
             yield index, self._field(records[index], f"{path} (item {index})"), index + 1, True
 
-    def _read_parquet(self, path: Path, offset: int) -> Iterator[_Segment]:
+    def _read_parquet(self, path: Path, group: int, offset: int) -> Iterator[_Segment]:
         import pyarrow.parquet as pq
 
         parquet = pq.ParquetFile(path)
-        _require_field(self.text_field, parquet.schema_arrow.names, str(path))
-        starts = [0]
-        for group in range(parquet.num_row_groups):
-            starts.append(starts[-1] + parquet.metadata.row_group(group).num_rows)
-        # Seek to the row group that holds `offset`; only the rows before it inside that group are skipped.
-        first_group = bisect_right(starts, offset) - 1
-        for group in range(max(first_group, 0), parquet.num_row_groups):
-            texts = parquet.read_row_group(group, columns=[self.text_field]).column(0).to_pylist()
-            for index in range(max(offset, starts[group]), starts[group + 1]):
-                text = _text_value(texts[index - starts[group]], self.text_field, f"{path} (row {index})")
-                yield index, text, index + 1, True
+        texts = parquet.read_row_group(group, columns=[self.text_field]).column(0).to_pylist()
+        for row in range(offset, len(texts)):
+            where = f"{path} (row group {group}, row {row})"
+            yield row, _text_value(texts[row], self.text_field, where), row + 1, True
 
     def _field(self, record: Any, where: str) -> str | None:
         if not isinstance(record, dict):
@@ -339,7 +370,12 @@ class HuggingFaceSource(_ShardedSource):
 
 
 class DeepLakeSource(_ShardedSource):
-    """A DeepLake dataset read by row index; shards are fixed-size row chunks."""
+    """A DeepLake dataset read by row index; shards are fixed-size row chunks.
+
+    Text is read with range reads (`ds[a:b][column]`, one call per batch of rows), and the next batch is
+    requested with the column's asynchronous read (`get_async`) before the current one is handed on, so
+    fetching overlaps tokenization.
+    """
 
     def __init__(
         self, url: str, dataset: Any, text_field: str, shuffle: bool, seed: int, max_piece_chars: int
@@ -352,11 +388,21 @@ class DeepLakeSource(_ShardedSource):
         _require_field(text_field, [c.name for c in dataset.schema.columns], f"DeepLake dataset {url}")
         self._check_not_empty()
 
+    def _shard_name(self, shard: int) -> str:
+        return f"{self.description}, rows {shard * DEEPLAKE_CHUNK_ROWS}-"
+
+    def _fetch(self, start: int, stop: int) -> Any:
+        return self.dataset[self.text_field].get_async(slice(start, stop))
+
     def _read(self, shard: int, offset: int) -> Iterator[_Segment]:
         first = shard * DEEPLAKE_CHUNK_ROWS
         stop = min(first + DEEPLAKE_CHUNK_ROWS, self.rows)
-        for start in range(first + offset, stop, _DEEPLAKE_BATCH_ROWS):
-            texts = self.dataset[start : min(start + _DEEPLAKE_BATCH_ROWS, stop)][self.text_field]
+        starts = list(range(first + offset, stop, _DEEPLAKE_BATCH_ROWS))
+        pending = self._fetch(starts[0], min(starts[0] + _DEEPLAKE_BATCH_ROWS, stop)) if starts else None
+        for i, start in enumerate(starts):
+            texts = pending.result()
+            if i + 1 < len(starts):
+                pending = self._fetch(starts[i + 1], min(starts[i + 1] + _DEEPLAKE_BATCH_ROWS, stop))
             for row, text in enumerate(texts, start=start - first):
                 # DeepLake returns None for an empty string, so None cannot mean a missing document here.
                 yield row, text or "", row + 1, True
@@ -371,7 +417,6 @@ def open_source(
     shuffle: bool = True,
     seed: int = 0,
     max_piece_chars: int = 1_000_000,
-    hf_revision: str | None = None,
 ) -> DocumentSource:
     """Open the data source named by `spec` (see the module docstring for the accepted forms)."""
     if txt_mode not in _TXT_MODES:
@@ -381,12 +426,13 @@ def open_source(
         from gpt2_training.data.corpus import builtin_documents
 
         return BuiltinSource(builtin_documents(), **common)
+    revision = None
     if spec == "openwebtext":
-        spec = f"hf:{OPENWEBTEXT_HUB_NAME}"
+        spec, revision = f"hf:{OPENWEBTEXT_HUB_NAME}", OPENWEBTEXT_REVISION
     kind, _, rest = spec.partition(":")
     if kind == "hf":
         repo, _, config = rest.partition(":")
-        dataset = _load_hf(repo, config or None, None, split, hf_revision)
+        dataset = _load_hf(repo, config or None, None, split, revision)
         return HuggingFaceSource(f"Hugging Face dataset {rest} ({split})", dataset, text_field, **common)
     if kind in ("hf-json", "hf-parquet", "hf-text"):
         suffixes = {"hf-json": (".jsonl", ".json"), "hf-parquet": (".parquet",), "hf-text": (".txt",)}[kind]
@@ -426,6 +472,17 @@ def _find_files(spec: str, suffixes: tuple[str, ...]) -> list[Path]:
     if not found:
         raise DataError(f"no supported files in {spec!r}; supported suffixes: {', '.join(suffixes)}")
     return found
+
+
+def _row_groups(path: Path, text_field: str) -> list[int]:
+    """A parquet file's row groups (checking the text field from its footer); [-1] for other files."""
+    if path.suffix.lower() != ".parquet":
+        return [-1]
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(path)
+    _require_field(text_field, parquet.schema_arrow.names, str(path))
+    return list(range(parquet.num_row_groups))
 
 
 def _files_description(what: str, spec: str, files: list[Path]) -> str:
@@ -472,18 +529,18 @@ def _load_hf(
     **options: Any,
 ) -> Any:
     """`datasets.load_dataset(..., streaming=True)`, turning every failure into a prompt one-line DataError."""
-    offline = any(
-        os.environ.get(v, "").lower() in ("1", "true", "yes")
-        for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
-    )
+    from huggingface_hub import is_offline_mode
+
+    # huggingface_hub reads HF_HUB_OFFLINE once, at its import; asking it (not os.environ) keeps us in step
+    offline = is_offline_mode()
     advice = "check the name and network access, or use a local path"
     if offline:
-        advice = "HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set, so only datasets already in the cache load"
+        advice = "HF_HUB_OFFLINE is set, so only datasets already in the cache load"
     elif data_files is None and not _hub_resolvable():
         # Without this check `datasets` retries for half a minute before giving up.
         raise DataError(
             f"cannot reach the Hugging Face Hub to load {path!r}: no network; "
-            "set HF_HUB_OFFLINE=1 to use a cached copy, or use a local path"
+            "set HF_HUB_OFFLINE=1 before starting Python to use a cached copy, or use a local path"
         )
     import datasets
 
@@ -491,10 +548,11 @@ def _load_hf(
         return datasets.load_dataset(
             path, name, data_files=data_files, split=split, streaming=True, revision=revision, **options
         )
-    except (
-        Exception
-    ) as error:  # datasets raises many types (ConnectionError, FileNotFoundError, ValueError...)
+    # datasets raises many types (ConnectionError, FileNotFoundError, ValueError, RuntimeError...)
+    except Exception as error:
         detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if "scripts are no longer supported" in detail:
+            advice = f"this repository holds a loading script, which datasets 4 refuses; {OPENWEBTEXT_ALTERNATIVES}"
         raise DataError(
             f"could not load Hugging Face dataset {path!r} (split {split!r}): {detail}; {advice}"
         ) from error
@@ -527,13 +585,15 @@ def _open_deeplake(url: str, text_field: str, **common: Any) -> DeepLakeSource:
         dataset = deeplake.open_read_only(url)
     except Exception as v4_error:  # deeplake's errors derive from Exception only
         try:
-            # deeplake 4 cannot open version 3 datasets, but it can read them through a query.
+            # deeplake 4 cannot open version 3 datasets, but it can read them through a query (main branch only).
             dataset = deeplake.query(f'SELECT * FROM "{url}"')
-        except Exception:
+        except Exception as query_error:
+            query_text = " ".join(str(query_error).split())
             raise DataError(
-                f"could not reach or find DeepLake dataset {url!r} ({str(v4_error).strip()}); check the "
-                "network and credentials (ACTIVELOOP_TOKEN env var) or use a local path; for a version 3 "
-                f"dataset, convert it once with python -c \"import deeplake; deeplake.convert('{url}', "
-                "'./dataset-v4')\" and use deeplake:./dataset-v4, or use the openwebtext (Hugging Face) alias"
+                f"could not reach or find DeepLake dataset {url!r} (as version 4: {' '.join(str(v4_error).split())}; "
+                f"as version 3 through deeplake.query: {query_text}); check the network and credentials "
+                "(ACTIVELOOP_TOKEN env var) or use a local path; for a version 3 dataset, convert it once with "
+                f"python -c \"import deeplake; deeplake.convert('{url}', './dataset-v4')\" and use "
+                "deeplake:./dataset-v4, or use the openwebtext (Hugging Face) alias"
             ) from v4_error
     return DeepLakeSource(url, dataset, text_field, **common)

@@ -12,11 +12,13 @@ import shutil
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
-
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
 from .corpus import cache_dir
+
+if TYPE_CHECKING:  # transformers is imported when a tokenizer is built, not with the package
+    from transformers import PreTrainedTokenizerFast
 
 EOS = "<|endoftext|>"
 
@@ -26,6 +28,7 @@ def train_bpe_tokenizer(
 ) -> PreTrainedTokenizerFast:
     """Train a GPT-2 style byte-level BPE (same pre-tokenizer, same end-of-text token) and save it."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -64,6 +67,8 @@ def cached_bpe_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokeniz
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerFast:
     """A fast tokenizer from a folder or the Hub, with a clear message when it cannot be reached."""
+    from transformers import AutoTokenizer
+
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path, use_fast=True)
     except (OSError, ValueError) as exc:
