@@ -81,6 +81,7 @@ EXPORTS = [
     ("lock.txt", ["main"], "cpu"),
     ("dev.txt", ["dev"], "cpu"),
     ("full-finetuning.txt", ["full-finetuning"], "cpu"),
+    ("deepspeed.txt", ["deepspeed"], "cpu"),
 ]
 CUDA_EXPORT = "cuda.txt"
 
