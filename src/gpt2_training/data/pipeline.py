@@ -462,7 +462,7 @@ class TokenStream:
 
     def close(self) -> None:
         """Stop background workers (also done when the stream is garbage-collected or the process exits)."""
-        if self._prefetch is not None:
+        if getattr(self, "_prefetch", None) is not None:
             self._prefetch.close()
             self._prefetch = None
 
