@@ -178,8 +178,8 @@ class ShardStream:
         return self
 
     def __next__(self) -> np.ndarray:
-        usable = self.n_windows - self.n_windows % self.world_size  # every rank gets the same count per epoch
-        if self.index >= usable:
+        # every rank gets the same count per epoch: the windows that cannot be shared equally wait for the next
+        if self.index + self.world_size > self.n_windows:
             if not self.loop:
                 raise StopIteration
             self.epoch, self.index, self._order = self.epoch + 1, 0, None
