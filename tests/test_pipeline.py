@@ -252,3 +252,53 @@ def test_prepare_refuses_to_overwrite(jsonl, tmp_path, tokenizer):
     prepare_shards(open_source(str(jsonl)), tokenizer, tmp_path / "s", progress=False)
     with pytest.raises(DataError, match="already holds"):
         prepare_shards(open_source(str(jsonl)), tokenizer, tmp_path / "s", progress=False)
+
+
+LICENCE_LIKE = " ".join(f"clause{i % 97} shall apply to part{i % 13}." for i in range(2500))  # ~ 60 K chars
+
+
+def test_a_single_document_trains_and_holds_out_its_tail(tmp_path, tokenizer, capsys):
+    """One text file is one document: the held-out part is the last validation_per_mille of its characters, the
+    same in every run, and the log says so once."""
+    from gpt2_training.config import DataArguments
+    from gpt2_training.data import train_stream, validation_sequences
+
+    f = tmp_path / "input.txt"
+    f.write_text(LICENCE_LIKE)
+    args = DataArguments(dataset=str(f), block_size=32, eval_max_sequences=4, shuffle_buffer=0)
+    train = train_stream(args, tokenizer, seed=1)
+    assert "held out: the last 50 per mille of each document's characters" in capsys.readouterr().out
+    val = validation_sequences(args, tokenizer, seed=1)
+    cut = len(LICENCE_LIKE) - -(-len(LICENCE_LIKE) * 50 // 1000)
+    want_val = tokenizer(LICENCE_LIKE[cut:], add_special_tokens=False)["input_ids"]
+    assert val.reshape(-1).tolist() == want_val[: val.size]
+    want_train = tokenizer(LICENCE_LIKE[:cut], add_special_tokens=False)["input_ids"]
+    got = np.concatenate([next(train) for _ in range(20)]).tolist()
+    assert got == want_train[: len(got)]
+    again = TokenStream(open_source(str(f)), tokenizer, 32, split="validation", loop=False)
+    assert np.array_equal(np.stack([next(again) for _ in range(4)]), val)
+
+
+def test_every_suggestion_of_a_too_small_error_works(tmp_path, tokenizer):
+    f = tmp_path / "input.txt"
+    f.write_text(LICENCE_LIKE)
+
+    def first(split, block, per_mille):
+        return next(
+            TokenStream(open_source(str(f)), tokenizer, block, split=split, validation_per_mille=per_mille)
+        )
+
+    with pytest.raises(DataError, match=r"lower --block_size or raise --validation_per_mille \(now 5\)"):
+        first("validation", 512, 5)
+    assert first("validation", 64, 5).shape == (64,)  # followed: lower --block_size
+    assert first("validation", 512, 200).shape == (512,)  # followed: raise --validation_per_mille
+    with pytest.raises(DataError, match=r"lower --validation_per_mille \(now 995\)"):
+        first("train", 512, 995)
+    assert first("train", 512, 500).shape == (512,)  # followed: lower --validation_per_mille
+    more = tmp_path / "more"
+    more.mkdir()
+    (more / "a.txt").write_text(LICENCE_LIKE[:2000])
+    with pytest.raises(DataError, match="add data"):
+        next(TokenStream(open_source(str(more)), tokenizer, 4096, validation_per_mille=0))
+    (more / "b.txt").write_text(LICENCE_LIKE)  # followed: add data
+    assert next(TokenStream(open_source(str(more)), tokenizer, 4096, validation_per_mille=0)).shape == (4096,)

@@ -404,3 +404,78 @@ def test_activeloop_dataset_offline_fails_fast(spec: str) -> None:
     assert time.monotonic() - start < 10
     message = str(caught.value)
     assert "ACTIVELOOP_TOKEN" in message and "deeplake.convert" in message and "\n" not in message
+
+
+# ---------------------------------------------------------------- DeepLake version 3 (read-only query path)
+
+V3_FIXTURE = Path(__file__).parent / "fixtures" / "deeplake_v3"
+
+
+def v3_document(i: int) -> str:
+    """tools/build_deeplake_v3_fixture.py's `fixture_document`: the fixture's rows."""
+    return (
+        ""
+        if i == 7
+        else f"Fixture document {i}: " + " ".join(f"w{(i * 13 + j) % 97}" for j in range(i % 9 + 1))
+    )
+
+
+def test_deeplake_v3_fixture_reads_through_the_query_path() -> None:
+    source = open_source(f"deeplake:{V3_FIXTURE}", shuffle=False)
+    assert source.num_shards == 3 and "2100 rows" in source.description
+    assert documents(collect(source)) == [v3_document(i) for i in range(2100)]
+
+
+def test_deeplake_v3_resumes_from_any_position_across_chunks() -> None:
+    source = open_source(f"deeplake:{V3_FIXTURE}", shuffle=True, seed=5)
+    pieces = collect(source, epoch=1)
+    assert source.shard_order(1) != [0, 1, 2]  # the chunks are read in a shuffled order
+    assert sorted(documents(pieces)) == sorted(v3_document(i) for i in range(2100))
+    for k in (0, 1, 1023, 1024, 1500, 2098):
+        assert collect(source, 1, pieces[k].position) == pieces[k + 1 :], k
+
+
+def test_deeplake_error_includes_the_query_error_and_the_convert_suggestion_works(tmp_path: Path) -> None:
+    # a local path that neither version opens
+    with pytest.raises(
+        DataError, match=r"as version 3 through deeplake.query: The query source .* not found"
+    ) as caught:
+        open_source(f"deeplake:file://{tmp_path / 'missing'}")
+    message = str(caught.value)
+    assert "deeplake.convert" in message and "\n" not in message
+    # follow the suggestion on the version 3 fixture: the converted copy opens with deeplake 4 directly
+    import deeplake
+
+    deeplake.convert(str(V3_FIXTURE), str(tmp_path / "dataset-v4"))
+    converted = open_source(f"deeplake:{tmp_path / 'dataset-v4'}", shuffle=False)
+    assert documents(collect(converted))[:9] == [v3_document(i) for i in range(9)]
+
+
+def test_parquet_row_groups_are_shards(tmp_path: Path) -> None:
+    write_parquet(tmp_path / "one.parquet", DOCS, row_group_size=2)
+    source = open_source(str(tmp_path / "one.parquet"), shuffle=False)
+    assert source.num_shards == 4
+    assert documents(collect(source)) == [d for d in DOCS]
+    assert "row group 1" in source.describe(0, [1, 1, 0])
+
+
+def test_importing_the_data_package_loads_no_heavy_library() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, gpt2_training.data; "
+        "print(sorted(m for m in ('deeplake', 'datasets', 'torch', 'transformers') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_offline_detection_follows_huggingface_hub(monkeypatch) -> None:
+    """Setting HF_HUB_OFFLINE after huggingface_hub was imported does not make it offline, so neither are we:
+    the source asks huggingface_hub instead of reading the variable itself (fails fast either way)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(DataError, match="HF_HUB_OFFLINE is set"):
+        open_source("hf:some/unknown-dataset")

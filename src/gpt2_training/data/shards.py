@@ -208,3 +208,11 @@ class ShardStream:
     @property
     def stats(self) -> dict[str, int]:
         return {"windows": self.n_windows, "unused_tokens": self.unused_tokens}
+
+    def fingerprint(self) -> dict:
+        """What the saved positions depend on: the shards' source and how many token windows they hold."""
+        return {
+            "source": self.meta.get("source", str(self.folder)),
+            "source_shards": len(self.maps),
+            "windows": self.n_windows,
+        }
