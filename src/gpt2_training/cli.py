@@ -16,6 +16,7 @@ from transformers import HfArgumentParser
 
 from .config import ARG_CLASSES, Config, DataArguments
 from .errors import ConfigError, GPT2TrainingError, TrainingStopped
+from .options import apply_training_arguments, refuse_named
 
 SUBCOMMANDS = ("train", "prepare", "plan", "estimate")
 
@@ -34,7 +35,7 @@ def _refuse_secrets(items: list[str]) -> None:
         name = item.split("=")[0].lstrip("-")
         if item.startswith("-") and _is_secret(name):
             raise ConfigError(
-                f"{name!r}: tokens are never accepted as arguments or in config files (they would end up in "
+                f"--{name}: tokens are never accepted as arguments or in config files (they would end up in "
                 "shell history and logs); set HF_TOKEN or WANDB_API_KEY in the environment instead"
             )
 
@@ -57,10 +58,20 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def parser() -> HfArgumentParser:
+    """All settings; the TrainingArguments fields this engine refuses or has no use for are parsed (so setting
+    one gives a clear error) but not offered in `--help` (see options.py)."""
+    import argparse
+
+    from .options import hidden_in_help
+
     p = HfArgumentParser(ARG_CLASSES, description="Train a GPT-2 model (see `train.py --help`).")
     p.add_argument(
         "--config", default=None, help="YAML or JSON file of settings; command-line flags override it."
     )
+    hidden = hidden_in_help()
+    for action in p._actions:
+        if action.dest in hidden:
+            action.help = argparse.SUPPRESS
     return p
 
 
@@ -80,6 +91,9 @@ def parse_config(argv: list[str] | None = None, **overrides: Any) -> Config:
     unknown = sorted(set(defaults) - known)
     if unknown:
         raise ConfigError(f"unknown setting(s) {', '.join(unknown)}: see `train.py --help` for the names")
+    # Before TrainingArguments sees them: some refused fields make its __post_init__ fail with a message that
+    # does not name them (ddp_backend initialises a process group).
+    refuse_named([a.split("=")[0][2:] for a in argv if a.startswith("--")] + list(defaults))
     if not _cuda():
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")
         defaults.setdefault("use_cpu", True)  # lets TrainingArguments accept --bf16 on a CPU; we validate it
@@ -92,19 +106,9 @@ def parse_config(argv: list[str] | None = None, **overrides: Any) -> Config:
         raise ConfigError(str(exc)) from exc
     if _rest:
         raise ConfigError(f"unknown argument(s) {' '.join(_rest)}: see `train.py --help`")
-    _precision_from_training_args(run, train)
-    return Config(model=model, data=data, run=run, train=train)
-
-
-def _precision_from_training_args(run, train) -> None:
-    """Honour TrainingArguments' own `--bf16` / `--fp16` switches as `--precision`, refusing contradictions."""
-    asked = [name for name in ("bf16", "fp16") if getattr(train, name)]
-    if len(asked) > 1:
-        raise ConfigError("--bf16 and --fp16 are both set: choose one (or use --precision)")
-    if asked and run.precision not in ("auto", asked[0]):
-        raise ConfigError(f"--{asked[0]} contradicts --precision {run.precision}: keep one of them")
-    if asked:
-        run.precision = asked[0]
+    cfg = Config(model=model, data=data, run=run, train=train)
+    apply_training_arguments(cfg)
+    return cfg
 
 
 def _cuda() -> bool:
@@ -114,17 +118,33 @@ def _cuda() -> bool:
 
 
 def prepare_main(argv: list[str]) -> dict:
-    """`train.py prepare --dataset SRC --out DIR`: tokenize a source once into memory-mappable shards."""
+    """`train.py prepare --dataset SRC --out DIR [--num_proc N]`: tokenize a source once into memory-mappable
+    shards, with N processes (the same bytes for every N), resumable after a kill."""
     p = HfArgumentParser((DataArguments,), description="Tokenize a data source into token shards.")
     p.add_argument("--out", required=True, help="Folder to create for the shards.")
     p.add_argument("--seed", type=int, default=1337, help="Seed (only used if a tokenizer is trained).")
+    p.add_argument(
+        "--num_proc",
+        type=int,
+        default=1,
+        help="Processes that tokenize in parallel (capped at the usable cores); the output is the same for any.",
+    )
     data, rest = p.parse_args_into_dataclasses(args=argv)
-    from .data import resolve_tokenizer, source_from_args
+    from .data import resolve_tokenizer, source_from_args, source_options
     from .data.shards import prepare_shards
 
+    if rest.num_proc < 1:
+        raise ConfigError(f"--num_proc must be 1 or more, got {rest.num_proc}")
     tokenizer = resolve_tokenizer(data, seed=rest.seed)
     src = source_from_args(data, rest.seed)
-    meta = prepare_shards(src, tokenizer, rest.out, validation_per_mille=data.validation_per_mille)
+    meta = prepare_shards(
+        src,
+        tokenizer,
+        rest.out,
+        validation_per_mille=data.validation_per_mille,
+        num_proc=rest.num_proc,
+        source_options=source_options(data, rest.seed),
+    )
     tok_dir = Path(rest.out) / "tokenizer"
     tokenizer.save_pretrained(tok_dir)
     print(
@@ -136,9 +156,10 @@ def prepare_main(argv: list[str]) -> dict:
 
 
 def train_main(argv: list[str] | None = None, **overrides: Any):
+    cfg = parse_config(argv, **overrides)
+    # after parsing: `--help` and bad options answer without importing the model code
     from .trainer import train
 
-    cfg = parse_config(argv, **overrides)
     result = train(cfg)
     if result.final_eval and cfg.train.process_index == 0:
         print(summary(result))

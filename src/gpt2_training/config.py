@@ -146,6 +146,9 @@ class RunArguments:
         metadata={"help": "Prompts for the samples generated at each evaluation and at the end."},
     )
     sample_max_new_tokens: int = field(default=40, metadata={"help": "Tokens generated per sample."})
+    logging_dir: str | None = field(
+        default=None, metadata={"help": "TensorBoard folder (default: output_dir/tensorboard)."}
+    )
     plot: bool = field(default=True, metadata={"help": "Save loss_curve.png in output_dir at the end."})
     save_final_model: bool = field(
         default=True, metadata={"help": "Save model + tokenizer to output_dir/final."}
@@ -170,7 +173,14 @@ class GPT2TrainingArguments(TrainingArguments):
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW decay on matrices (not biases/norms)."})
     adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the global gradient norm; 0 = off."})
-    max_steps: int = field(default=1000, metadata={"help": "Optimizer steps to train for."})
+    max_steps: int = field(
+        default=-1,
+        metadata={"help": "Optimizer steps to train for; > 0 overrides --num_train_epochs (as in the Trainer)."},
+    )
+    num_train_epochs: float = field(
+        default=3.0,
+        metadata={"help": "Passes over a corpus of known size (local files, prepared shards) when max_steps <= 0."},
+    )
     warmup_steps: float = field(
         default=100, metadata={"help": "Linear warmup steps (a float < 1 is a ratio)."}
     )
@@ -181,23 +191,61 @@ class GPT2TrainingArguments(TrainingArguments):
         default="adamw_torch", metadata={"help": f"One of {', '.join(SUPPORTED_OPTIMIZERS)}."}
     )
     logging_steps: float = field(default=10, metadata={"help": "Log every N optimizer steps."})
-    eval_steps: float | None = field(default=200, metadata={"help": "Evaluate (and sample) every N steps."})
-    save_steps: float = field(default=200, metadata={"help": "Write an atomic checkpoint every N steps."})
+    eval_strategy: str = field(default="steps", metadata={"help": "'steps' (every --eval_steps) or 'no'."})
+    eval_steps: float | None = field(
+        default=200, metadata={"help": "Evaluate (and sample) every N steps; 0 = --eval_strategy no."}
+    )
+    eval_on_start: bool = field(default=True, metadata={"help": "Evaluate the untrained model before step 1."})
+    save_steps: float = field(
+        default=200, metadata={"help": "Write an atomic checkpoint every N steps; 0 = --save_strategy no."}
+    )
+    hub_strategy: str = field(
+        default="end", metadata={"help": "With --push_to_hub: 'end' uploads final/ when training ends."}
+    )
     save_total_limit: int | None = field(default=2, metadata={"help": "Keep this many newest checkpoints."})
     seed: int = field(default=1337, metadata={"help": "Seed for initialisation, dropout and data order."})
     report_to: None | str | list[str] = field(
         default="none",
         metadata={
-            "help": "none, tensorboard, wandb (offline without a key); several: --report_to wandb tensorboard.",
+            "help": "none, tensorboard, wandb (online when wandb finds a key, else offline), all; several: "
+            "--report_to wandb tensorboard.",
             "nargs": "+",
         },  # without it the parser keeps only the first name
     )
     dataloader_num_workers: int = field(
-        default=0, metadata={"help": "Unused: the data pipeline runs in-process."}
+        default=0,
+        metadata={
+            "help": "Background processes that read and tokenize a streamed source ahead of the training step "
+            "(0: in the training process); sequences and resume positions are the same for every value."
+        },
     )
+
+    def __post_init__(self):
+        # This project's shorthand, kept from its first version: --eval_steps 0 / --save_steps 0 switch the event
+        # off (the Trainer would fall back to logging_steps or refuse).
+        if self.eval_steps == 0:
+            self.eval_strategy = "no"
+        if self.save_steps == 0:
+            self.save_strategy = "no"
+        super().__post_init__()
 
 
 ARG_CLASSES = (ModelArguments, DataArguments, RunArguments, GPT2TrainingArguments)
+
+
+def training_config(
+    train: TrainingArguments,
+    model: ModelArguments | None = None,
+    data: DataArguments | None = None,
+    run: RunArguments | None = None,
+) -> Config:
+    """A Config from a `TrainingArguments` built in Python (as the seed README builds it) and this project's
+    model/data/run settings, checked against the options contract like the command line."""
+    from .options import apply_training_arguments
+
+    cfg = Config(model=model or ModelArguments(), data=data or DataArguments(), run=run or RunArguments(), train=train)
+    apply_training_arguments(cfg)
+    return cfg
 
 
 @dataclass
@@ -274,8 +322,8 @@ def validate(cfg: Config, *, cuda_available: bool, bf16_ok: bool) -> None:
         problems.append("gradient_accumulation_steps must be >= 1")
     if t.per_device_train_batch_size < 1:
         problems.append("per_device_train_batch_size must be >= 1")
-    if t.max_steps < 1:
-        problems.append("max_steps must be >= 1 (this project trains by steps, not epochs)")
+    if t.max_steps <= 0 and not t.num_train_epochs > 0:
+        problems.append("set --max_steps N (> 0), or --num_train_epochs E (> 0) for a corpus of known size")
     if t.learning_rate <= 0:
         problems.append("learning_rate must be > 0")
     if str(getattr(t.optim, "value", t.optim)) not in SUPPORTED_OPTIMIZERS:
@@ -298,6 +346,10 @@ def validate(cfg: Config, *, cuda_available: bool, bf16_ok: bool) -> None:
         )
     if d.dataset != "builtin" and _looks_local(d.dataset) and not _glob_matches(d.dataset):
         problems.append(f"dataset path {d.dataset!r} does not exist: check the path or glob")
+    # --deepspeed / --fsdp: a JSON contradicting the settings, an unknown wrap class, two backends at once
+    from .backends import backend_problems
+
+    problems += backend_problems(t, None if r.precision == "auto" else r.precision)
     if problems:
         raise ConfigError(problems)
 

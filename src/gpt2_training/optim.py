@@ -25,6 +25,11 @@ def build_optimizer(model: torch.nn.Module, args) -> torch.optim.Optimizer:
     name = str(getattr(args.optim, "value", args.optim))
     groups = param_groups(model, args.weight_decay)
     kw = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+    extra = parse_optim_args(args.optim_args)
+    if extra:
+        # unknown names fail here, before training, with the optimizer's own message
+        _check_optimizer_kwargs(name, extra)
+        kw.update(extra)
     if name in ("adamw_torch", "adamw_torch_fused"):
         device = next(model.parameters()).device
         fused = name == "adamw_torch_fused" and device.type in ("cuda", "cpu")
@@ -38,17 +43,61 @@ def build_optimizer(model: torch.nn.Module, args) -> torch.optim.Optimizer:
             ) from exc
         return bnb.optim.AdamW8bit(groups, **kw)
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=args.learning_rate)
+        return torch.optim.SGD(groups, lr=args.learning_rate, **extra)
     raise ConfigError(f"optim={name!r} is not supported here")
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, args) -> torch.optim.lr_scheduler.LRScheduler:
+def parse_optim_args(text: str | None) -> dict:
+    """TrainingArguments' `optim_args` ("amsgrad=True,foreach=False") as keyword arguments."""
+    import ast
+
+    out = {}
+    for item in filter(None, (part.strip() for part in (text or "").split(","))):
+        if "=" not in item:
+            raise ConfigError(f"--optim_args {text!r}: write key=value pairs separated by commas")
+        key, value = (x.strip() for x in item.split("=", 1))
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
+def _check_optimizer_kwargs(name: str, extra: dict) -> None:
+    import inspect
+
+    if name in ("adamw_torch", "adamw_torch_fused"):
+        cls = torch.optim.AdamW
+    elif name == "sgd":
+        cls = torch.optim.SGD
+    else:
+        import bitsandbytes as bnb
+
+        cls = bnb.optim.AdamW8bit
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "params", "lr", "betas", "eps"}
+    unknown = sorted(set(extra) - accepted)
+    if unknown:
+        raise ConfigError(
+            f"--optim_args: {cls.__name__} takes no {', '.join(unknown)}; it accepts {', '.join(sorted(accepted))}"
+        )
+
+
+def warmup_steps(args) -> int:
+    """--warmup_steps; a value below 1 is a ratio of the run, as in transformers."""
     warmup = args.warmup_steps
-    warmup_steps = int(warmup * args.max_steps) if 0 < warmup < 1 else int(warmup)
+    return int(warmup * args.max_steps) if 0 < warmup < 1 else int(warmup)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, args) -> torch.optim.lr_scheduler.LRScheduler:
+    kwargs = dict(args.lr_scheduler_kwargs or {})
+    name = str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))
+    if name == "cosine_with_min_lr" and not {"min_lr", "min_lr_rate"} & set(kwargs):
+        # nanoGPT's recipe: decay to a tenth of the peak
+        kwargs["min_lr_rate"] = 0.1
     return get_scheduler(
         args.lr_scheduler_type,
         optimizer,
-        num_warmup_steps=warmup_steps,
+        num_warmup_steps=warmup_steps(args),
         num_training_steps=args.max_steps,
-        scheduler_specific_kwargs=args.lr_scheduler_kwargs or {},
+        scheduler_specific_kwargs=kwargs,
     )

@@ -1,5 +1,6 @@
 """Where a run's numbers go: a JSON-lines log always, TensorBoard or Weights & Biases when asked, and a
-loss-curve PNG at the end. W&B runs offline unless an API key is configured, so it never prompts or hangs."""
+loss-curve PNG at the end. W&B runs online whenever wandb itself finds a key (WANDB_API_KEY, the netrc entry
+`wandb login` writes, its settings file) and offline otherwise, so it never prompts or hangs."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+OFFLINE_MODES = ("offline", "dryrun", "disabled")
+
 
 def _jsonable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
@@ -16,10 +19,40 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def wandb_mode() -> tuple[str, str]:
+    """('online' | 'offline', why): online exactly when wandb's own credential lookup finds a key."""
+    if os.environ.get("WANDB_MODE", "").lower() in OFFLINE_MODES:
+        return "offline", f"WANDB_MODE={os.environ['WANDB_MODE']}"
+    from wandb.sdk import wandb_setup
+    from wandb.sdk.lib import wbauth
+
+    settings = wandb_setup.singleton().settings
+    if os.environ.get("WANDB_API_KEY"):
+        return "online", "WANDB_API_KEY is set"
+    try:
+        if wbauth.read_netrc_auth(host=settings.base_url):
+            return "online", "the key stored by `wandb login`"
+    except Exception:  # a malformed netrc entry: wandb itself would refuse it
+        pass
+    if settings.api_key:
+        return "online", "the key in wandb's settings"
+    return "offline", "no W&B key found (run `wandb login` or set WANDB_API_KEY to log online)"
+
+
 class Reporter:
     """Logs from the main process only; other processes get a reporter that does nothing."""
 
-    def __init__(self, output_dir: str | Path, report_to: list[str], config: dict, enabled: bool = True):
+    def __init__(
+        self,
+        output_dir: str | Path,
+        report_to: list[str],
+        config: dict,
+        enabled: bool = True,
+        *,
+        run_name: str | None = None,
+        project: str | None = None,
+        logging_dir: str | None = None,
+    ):
         self.enabled = enabled
         self.path = Path(output_dir) / "train_log.jsonl"
         self.history: list[dict] = []
@@ -30,22 +63,30 @@ class Reporter:
         if "tensorboard" in report_to:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"))
+            self._tb = SummaryWriter(log_dir=str(logging_dir or Path(output_dir) / "tensorboard"))
         if "wandb" in report_to:
             import wandb
 
-            mode = (
-                "online"
-                if os.environ.get("WANDB_API_KEY") and os.environ.get("WANDB_MODE") != "offline"
-                else "offline"
-            )
+            mode, why = wandb_mode()
+            # transformers' default project name is "huggingface"; a project of our own unless one is asked for
+            if project in (None, "huggingface"):
+                project = os.environ.get("WANDB_PROJECT", "gpt2-training")
             self._wandb = wandb.init(
-                project=os.environ.get("WANDB_PROJECT", "gpt2-training"),
+                project=project,
+                name=run_name,
                 dir=str(output_dir),
                 mode=mode,
                 config=config,
                 settings=wandb.Settings(silent=True, console="off", save_code=False),
             )
+            if mode == "online":
+                print(f"W&B: logging online ({why}) to {self._wandb.url}", flush=True)
+            else:
+                print(
+                    f"W&B: logging offline ({why}) to {self._wandb.dir}; upload later with "
+                    f"`wandb sync {Path(self._wandb.dir).parent}`",
+                    flush=True,
+                )
 
     def log(self, record: dict) -> None:
         self.history.append(record)

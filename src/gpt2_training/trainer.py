@@ -30,20 +30,22 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, DistributedType, gather_object
-from safetensors.torch import load_file
+from accelerate.utils import DistributedDataParallelKwargs, gather_object
 from transformers.utils import logging as hf_logging
 
 from . import checkpoint as ckpt
+from .backends import make_backend
 from .config import Config, model_shape, validate
-from .data import resolve_tokenizer, train_stream, validation_sequences
+from .data import resolve_tokenizer, restore_stream, train_stream, validation_sequences
 from .errors import CheckpointError, ConfigError, TrainingStopped
-from .launch import deepspeed_config
+from .hub import check_push_to_hub, push_folder
 from .metrics import bits_per_byte, describe_mfu, flops_per_token, token_byte_lengths, unigram_byte_entropy
-from .model import CausalLMWithLoss, build_model, chunked_cross_entropy
+from .model import CausalLMWithLoss, build_model
 from .optim import build_optimizer, build_scheduler
+from .options import changed_fields, report_to_list
 from .precision import bf16_supported, resolve_precision
 from .reporting import Reporter, plot_loss_curve
+from .run_length import resolve_max_steps
 
 hf_logging.disable_progress_bar()  # per-save "Writing model shards" bars drown the training log
 
@@ -119,13 +121,22 @@ def hash_vocab(vocab: dict[str, int]) -> str:
 
 
 SAFE_TO_CHANGE = {"per_device_train_batch_size", "gradient_accumulation_steps"}
+# how the global batch is split: free to change while the global batch (their product) stays the same
+BATCH_SPLIT = ("world_size", "per_device_train_batch_size", "gradient_accumulation_steps")
+
+
+def _global_batch(fp: dict) -> int:
+    return math.prod(int(fp.get(k) or 1) for k in BATCH_SPLIT)
 
 
 def check_resume_compatible(saved: dict, current: dict, allow_changes: bool) -> None:
+    same_batch = _global_batch(saved) == _global_batch(current)
     diffs = [
         f"{k}: checkpoint has {saved.get(k)!r}, this run has {current[k]!r}"
         for k in current
-        if saved.get(k) != current[k]
+        if saved.get(k) != current[k] and not (k in BATCH_SPLIT and same_batch)
+        # another process count with the same per-process batch changes the global batch
+        and not (k == "world_size" and allow_changes)
     ]
     if allow_changes:
         diffs = [d for d in diffs if d.split(":")[0] not in SAFE_TO_CHANGE]
@@ -135,6 +146,12 @@ def check_resume_compatible(saved: dict, current: dict, allow_changes: bool) -> 
             if not allow_changes and any(d.split(":")[0] in SAFE_TO_CHANGE for d in diffs)
             else ""
         )
+        if any(d.startswith("world_size:") for d in diffs):
+            g, n = _global_batch(saved), int(current["world_size"])
+            hint += (
+                f" (on {n} processes the same global batch of {g} sequences needs per_device_train_batch_size x "
+                f"gradient_accumulation_steps = {g / n:g}; --allow_resume_changes accepts another global batch)"
+            )
         raise ConfigError(
             [f"cannot resume: {d}" for d in diffs]
             + [f"restore the original settings, or start a new run with --resume never{hint}"]
@@ -150,28 +167,26 @@ class Engine:
         validate(cfg, cuda_available=cuda, bf16_ok=bf16_supported())
         self.precision, self.precision_reason = resolve_precision(cfg.run.precision)
         t = cfg.train
-        plugin = None
-        ds_config = deepspeed_config(
-            t
-        )  # --deepspeed or `accelerate launch`'s DeepSpeed file, "auto" filled in
-        if ds_config is not None:
-            from accelerate.utils import DeepSpeedPlugin
-
-            plugin = DeepSpeedPlugin(hf_ds_config=ds_config)
-        self.ds = plugin is not None
+        # Which options the user set (not defaults): num_train_epochs next to max_steps gets a note.
+        self.epochs_set = "num_train_epochs" in changed_fields(t)
+        # Before any work: a push that cannot happen fails now, not after the training.
+        self.hub_repo = check_push_to_hub(t.output_dir, t.hub_model_id) if t.push_to_hub else None
+        if t.tf32 is not None:
+            torch.backends.cuda.matmul.allow_tf32 = bool(t.tf32)
+            torch.backends.cudnn.allow_tf32 = bool(t.tf32)
+        # DDP, FSDP2 or DeepSpeed (--fsdp, --deepspeed or an `accelerate launch` config): see backends.py.
+        # Accelerate only starts the processes' group (gloo on a CPU) and runs single-process and DDP training.
+        self.backend = make_backend(t, self.precision)
         self.acc = Accelerator(
-            mixed_precision={"fp32": "no"}.get(self.precision, self.precision),
+            mixed_precision=self.backend.accelerate_precision,
             cpu=not cuda,
-            deepspeed_plugin=plugin,
-            # DeepSpeed owns the accumulation boundary (engine.step inside backward); Accelerate must agree with it
-            gradient_accumulation_steps=t.gradient_accumulation_steps if self.ds else 1,
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
         )
+        self.backend.bind(self.acc)
         self.is_main = self.acc.is_main_process
         # With ZeRO-3 or FSDP each process holds a shard of the weights: generating text on one process would wait
         # for the others forever, and the final save must gather the full state dict on every process first.
-        zero3 = plugin is not None and getattr(plugin, "zero_stage", 0) == 3
-        self.sharded = zero3 or self.acc.distributed_type == DistributedType.FSDP
+        self.sharded = self.backend.shards_weights
         self.out = Path(t.output_dir)
         self.signals = _SignalFlag()  # installed around the loop and the final evaluation
 
@@ -204,11 +219,14 @@ class Engine:
         cfg, t = self.cfg, self.cfg.train
         self.resume_path = self._prepare_output_dir()
         self._seed(t.seed)
+        data_seed = t.data_seed if t.data_seed is not None else t.seed
         with (
             self.acc.main_process_first()
         ):  # one process builds the corpus/tokenizer caches, the others reuse
             self.tokenizer = resolve_tokenizer(cfg.data, seed=t.seed)
         vocab = len(self.tokenizer)
+        # num_train_epochs becomes a step count here, before the schedule is built from it.
+        t.max_steps, self.steps_note = resolve_max_steps(cfg, self.tokenizer, self.acc.num_processes, self.epochs_set)
         self.lm = build_model(cfg.model, vocab, self.tokenizer.eos_token_id)
         if self.lm.config.vocab_size < vocab:
             raise ConfigError(f"tokenizer has {vocab} tokens but the model only {self.lm.config.vocab_size}")
@@ -216,88 +234,72 @@ class Engine:
             raise ConfigError(
                 f"block_size={cfg.data.block_size} exceeds the loaded model's n_positions={self.lm.config.n_positions}"
             )
-        if t.gradient_checkpointing:
-            # non-reentrant: works with DDP and with inputs that need no grad (transformers 5 renamed the method)
-            enable = getattr(self.lm, "activation_checkpointing_enable", None)
-            if enable is not None:
-                enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                self.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if t.activation_checkpointing or t.gradient_checkpointing:
+            # non-reentrant by default: works with DDP and with inputs that need no grad
+            kwargs = t.activation_checkpointing_kwargs or t.gradient_checkpointing_kwargs or {"use_reentrant": False}
+            self.lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         self.lm.config.use_cache = False
         self.lm.to(self.acc.device)
         self.n_params = sum(p.numel() for p in self.lm.parameters())
         wrapped = CausalLMWithLoss(self.lm, cfg.model.loss_impl)
-        optimizer = build_optimizer(wrapped, t)
-        self.model, self.optimizer = self.acc.prepare(wrapped, optimizer)
+        # the backend replicates or shards the model, then builds the optimizer on what this process holds
+        self.model = self.backend.wrap(wrapped, lambda m: build_optimizer(m, t))
         if t.torch_compile:
-            self.model = torch.compile(self.model)
-        # Accelerate's optimizer wrapper is needed for fp16 loss scaling and DeepSpeed; otherwise it only adds
-        # per-step Python overhead (measured in bench/bench_training.py), so step the torch optimizer directly.
-        plain = self.acc.scaler is None and not self.ds
-        self._raw_optimizer = self.optimizer.optimizer if plain else self.optimizer
-        self.scheduler = build_scheduler(self._raw_optimizer, t)
+            try:
+                backend = t.torch_compile_backend or "inductor"
+                self.model = torch.compile(self.model, mode=t.torch_compile_mode, backend=backend)
+            except RuntimeError as exc:  # an unknown mode or backend, named by torch
+                raise ConfigError(f"--torch_compile_mode / --torch_compile_backend: {exc}") from exc
+        self.scheduler = build_scheduler(self.backend.schedule_optimizer, t)
         self.world, self.rank = self.acc.num_processes, self.acc.process_index
-        self.train_data = train_stream(cfg.data, self.tokenizer, t.seed, self.rank, self.world)
-        self.val_seqs = validation_sequences(cfg.data, self.tokenizer, t.seed)
+        self.train_data = train_stream(
+            cfg.data, self.tokenizer, data_seed, self.rank, self.world, num_workers=t.dataloader_num_workers
+        )
+        self.val_seqs = validation_sequences(cfg.data, self.tokenizer, data_seed)
         self.token_bytes = token_byte_lengths(self.tokenizer)
         self.fingerprint = _fingerprint(cfg, self.tokenizer, self.world)
         self.step, self.tokens_seen, self.skipped, self.bad_in_a_row = 0, 0, 0, 0
         self.saved_state: tuple[int, int] | None = None  # (step, tokens_seen) of the newest checkpoint
         self.saved_path: Path | None = None
-        self.reporter = Reporter(self.out, _report_to(t.report_to), cfg.to_dict(), enabled=self.is_main)
+        self.reporter = Reporter(
+            self.out,
+            report_to_list(t.report_to),
+            cfg.to_dict(),
+            enabled=self.is_main,
+            run_name=t.run_name,
+            project=t.project,
+            logging_dir=cfg.run.logging_dir,
+        )
 
     # -- checkpoints --------------------------------------------------------------------------------------------
-    def _rank_state(self) -> dict:
-        meta, arrays = self.train_data.state_dict()
-        return {
-            "data_meta": meta,
-            "data_arrays": arrays,
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "python_rng": random.getstate(),
+    def save(self) -> Path | None:
+        """A checkpoint of every stateful part; a collective (every process writes its own part into it)."""
+        mine = {"data": self.train_data.state_dict(), "rng": ckpt.rng_state()}
+        states = gather_object([mine]) if self.world > 1 else [mine]
+        weights = self.backend.full_state_dict()
+        train_state = {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "skipped_steps": self.skipped,
+            "fingerprint": self.fingerprint,
+            "backend": self.backend.name,
+            "settings": self.cfg.to_dict(),
+        }
+        schedule = {
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.acc.scaler.state_dict() if self.acc.scaler is not None else None,
         }
 
-    def save(self) -> Path | None:
-        states = gather_object([self._rank_state()]) if self.world > 1 else [self._rank_state()]
-        weights = self.acc.get_state_dict(self.model)
-        path = None
-        if self.is_main:
-            lm_weights = {k.removeprefix("lm."): v for k, v in weights.items()}
+        def write(tmp: Path) -> None:
+            if self.is_main:
+                ckpt.save_hf_model(self.lm, tmp, weights)
+                ckpt.write_run_state(tmp, train_state, schedule, states)
+            self.backend.save(tmp)
 
-            def write(tmp: Path) -> None:
-                self.lm.save_pretrained(tmp, state_dict=lm_weights, safe_serialization=True)
-                ckpt.torch_save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-                ckpt.torch_save(
-                    {
-                        "scheduler": self.scheduler.state_dict(),
-                        "scaler": self.acc.scaler.state_dict() if self.acc.scaler is not None else None,
-                    },
-                    tmp / "scheduler.pt",
-                )
-                for r, st in enumerate(states):
-                    (tmp / f"rank{r}.json").write_text(
-                        json.dumps({"data": st["data_meta"], "python_rng": _py_rng_to_json(st["python_rng"])})
-                    )
-                    ckpt.save_arrays(st["data_arrays"], tmp / f"rank{r}.npz")
-                    ckpt.torch_save(
-                        {"torch_rng": st["torch_rng"], "cuda_rng": st["cuda_rng"]}, tmp / f"rank{r}.pt"
-                    )
-                (tmp / "trainer_state.json").write_text(
-                    json.dumps(
-                        {
-                            "step": self.step,
-                            "tokens_seen": self.tokens_seen,
-                            "skipped_steps": self.skipped,
-                            "fingerprint": self.fingerprint,
-                            "settings": self.cfg.to_dict(),
-                        },
-                        indent=1,
-                        default=str,
-                    )
-                )
-
-            path = ckpt.save_checkpoint(self.out, self.step, write, self.cfg.train.save_total_limit)
-        self.acc.wait_for_everyone()
+        barrier = self.acc.wait_for_everyone if self.world > 1 else None
+        path = ckpt.save_checkpoint(
+            self.out, self.step, write, self.cfg.train.save_total_limit, is_main=self.is_main, barrier=barrier
+        )
         self.saved_state, self.saved_path = (self.step, self.tokens_seen), path
         return path
 
@@ -309,35 +311,26 @@ class Engine:
         return self.saved_path
 
     def load(self, path: Path) -> None:
-        if self.ds:  # refuse rather than load rank 0's optimizer shard into every rank
-            raise CheckpointError(
-                f"cannot resume {path} under DeepSpeed yet: ZeRO shards the optimizer state across processes and "
-                "these checkpoints hold only rank 0's shard. Start again with --resume never and --init_from "
-                f"{path} (weights only), or train with torchrun (DDP), which resumes exactly"
-            )
         problem = ckpt.verify(path)
         if problem:
             raise CheckpointError(f"checkpoint {path} is damaged ({problem}); pass an older one to --resume")
-        state = json.loads((path / "trainer_state.json").read_text())
+        state, schedule, ranks = ckpt.read_run_state(path)
         check_resume_compatible(state["fingerprint"], self.fingerprint, self.cfg.run.allow_resume_changes)
-        weights = load_file(path / "model.safetensors")
-        missing, unexpected = self.lm.load_state_dict(weights, strict=False)
-        if unexpected or [k for k in missing if k != "lm_head.weight"]:  # lm_head is tied to wte
-            raise CheckpointError(f"checkpoint {path} does not fit this model (missing {missing[:3]})")
-        self.lm.tie_weights()
-        self.optimizer.load_state_dict(ckpt.torch_load(path / "optimizer.pt"))
-        sched = ckpt.torch_load(path / "scheduler.pt")
-        self.scheduler.load_state_dict(sched["scheduler"])
-        if sched["scaler"] is not None and self.acc.scaler is not None:
-            self.acc.scaler.load_state_dict(sched["scaler"])
-        r = self.rank
-        rank_json = json.loads((path / f"rank{r}.json").read_text())
-        self.train_data.load_state_dict(rank_json["data"], ckpt.load_arrays(path / f"rank{r}.npz"))
-        rng = ckpt.torch_load(path / f"rank{r}.pt")
-        torch.set_rng_state(rng["torch_rng"])
-        if rng["cuda_rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda_rng"])
-        random.setstate(_py_rng_from_json(rank_json["python_rng"]))
+        saved_world = len(ranks)
+        if saved_world != self.world and not self.backend.resumes_on_other_world_size:
+            raise CheckpointError(
+                f"cannot resume {path} on {self.world} processes under {self.backend.name}: it was written by "
+                f"{saved_world} and ZeRO's optimizer partitions are tied to that number. Resume with "
+                f"{saved_world} processes, or start anew with --resume never --init_from {path} (weights only)"
+            )
+        self.backend.load(path)
+        self.scheduler.load_state_dict(schedule["scheduler"])
+        if schedule["scaler"] is not None and self.acc.scaler is not None:
+            self.acc.scaler.load_state_dict(schedule["scaler"])
+        # every old process's data position, mapped onto this process (the same one when the count is unchanged)
+        restore_stream(self.train_data, [r["data"] for r in ranks], saved_world)
+        # a new process (more than before) continues the generators of the one it replaces modulo the old count
+        ckpt.load_rng_state(ranks[self.rank % saved_world]["rng"])
         self.step, self.tokens_seen, self.skipped = (
             state["step"],
             state["tokens_seen"],
@@ -356,17 +349,20 @@ class Engine:
         seqs = torch.from_numpy(self.val_seqs[self.rank :: self.world])
         sums = torch.zeros(3, dtype=torch.float64, device=self.acc.device)  # nats, tokens, bytes
         bs = self.cfg.train.per_device_eval_batch_size
-        for i in range(0, len(seqs), bs):
+        # Through the wrapped model, because under FSDP and ZeRO-3 a forward gathers the sharded weights, and
+        # every process runs as many forwards as the one with the most sequences (an empty share repeats a
+        # sequence and does not count it), since each forward is then a collective.
+        longest = -(-len(self.val_seqs) // self.world)
+        for i in range(0, longest, bs):
             if self.world == 1 and self.signals.signum is not None:
                 self.lm.train()
                 return None
             x = seqs[i : i + bs].to(self.acc.device)
-            with self.acc.autocast():
-                hidden = self.lm.transformer(input_ids=x, use_cache=False).last_hidden_state
+            with self.backend.autocast():
+                mean = self.model(x if len(x) else torch.from_numpy(self.val_seqs[:1]).to(self.acc.device))
+            if not len(x):
+                continue
             targets = x[:, 1:].reshape(-1)
-            h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-            with self.acc.autocast():
-                mean = chunked_cross_entropy(h, self.lm.lm_head.weight, targets)
             sums += torch.tensor(
                 [mean.item() * len(targets), len(targets), self.token_bytes[targets.cpu()].sum().item()],
                 dtype=torch.float64,
@@ -419,8 +415,11 @@ class Engine:
         return bool(pending.item())
 
     def _next_batch(self, n: int) -> torch.Tensor:
-        seqs = np.stack([next(self.train_data) for _ in range(n)]).astype(np.int64)
-        return torch.from_numpy(seqs).to(self.acc.device, non_blocking=True)
+        seqs = torch.from_numpy(np.stack([next(self.train_data) for _ in range(n)]).astype(np.int64))
+        if self.acc.device.type == "cuda" and self.cfg.train.dataloader_pin_memory:
+            # page-locked host memory makes the copy below asynchronous
+            seqs = seqs.pin_memory()
+        return seqs.to(self.acc.device, non_blocking=True)
 
     def _log(self, record: dict) -> None:
         self.reporter.log(record)
@@ -430,7 +429,12 @@ class Engine:
                 for k, v in record.items()
                 if k != "event"
             )
-            print(f"[{record.get('event')}] {fields}", flush=True)
+            line = f"[{record.get('event')}] {fields}"
+            if getattr(self, "bar", None) is not None:
+                # above the bar, which keeps its place at the bottom
+                self.bar.write(line)
+            else:
+                print(line, flush=True)
 
     def train(self) -> TrainResult:
         cfg, t = self.cfg, self.cfg.train
@@ -450,7 +454,11 @@ class Engine:
                 + (f"; resuming from {self.resume_path} at step {self.step}" if self.resume_path else ""),
                 flush=True,
             )
-        if self.resume_path is None:
+            if t.run_name:
+                print(f"run: {t.run_name}", flush=True)
+            if self.steps_note:
+                print(self.steps_note, flush=True)
+        if self.resume_path is None and t.eval_on_start:
             res.initial_eval = self.evaluate()
             res.unigram_bpb = unigram_byte_entropy(
                 [self.tokenizer.decode(s, skip_special_tokens=True) for s in self.val_seqs]
@@ -459,13 +467,15 @@ class Engine:
                 {"event": "eval", "step": 0, **res.initial_eval, "unigram_byte_entropy": res.unigram_bpb}
             )
         max_norm = t.max_grad_norm if t.max_grad_norm and t.max_grad_norm > 0 else float("inf")
-        log_every = max(int(t.logging_steps), 1)
-        eval_every = int(t.eval_steps) if t.eval_steps else 0
-        save_every = int(t.save_steps) if t.save_steps else 0
+        log_every = _interval(t.logging_strategy, t.logging_steps, t.max_steps)
+        eval_every = _interval(t.eval_strategy, t.eval_steps or t.logging_steps, t.max_steps)
+        save_every = _interval(t.save_strategy, t.save_steps, t.max_steps)
         window_tokens, window_time = 0, 0.0
+        run_tokens, run_time = 0, 0.0
         self.model.train()
         stopped = False
-        with self.signals:
+        self.bar = progress_bar(t, self.step, enabled=self.is_main)
+        with self.signals, self.bar or contextlib.nullcontext():
             while self.step < t.max_steps:
                 if stopped := self._stop_requested():  # a SIGTERM/SIGINT: stop here, between two steps
                     break
@@ -473,37 +483,24 @@ class Engine:
                 loss_sum = torch.zeros((), device=self.acc.device)
                 for micro in range(A):
                     x = self._next_batch(B)
-                    if (
-                        self.ds
-                    ):  # the engine scales by 1/A itself and clips + steps at the accumulation boundary
-                        with self.acc.accumulate(self.model):
-                            with self.acc.autocast():
-                                loss = self.model(x)
-                            self.acc.backward(loss)
-                        loss_sum += loss.detach().float()
-                        continue
-                    sync = contextlib.nullcontext() if micro == A - 1 else self.acc.no_sync(self.model)
-                    with sync:
-                        with self.acc.autocast():
+                    # gradients are synchronised across processes on the last micro-batch only
+                    with self.backend.accumulate(last=micro == A - 1):
+                        with self.backend.autocast():
                             loss = self.model(x)
-                        self.acc.backward(loss / A)
+                        self.backend.backward(loss)
                     loss_sum += loss.detach().float()
                 loss_val = loss_sum / A
                 if self.world > 1:
                     loss_val = self.acc.reduce(loss_val, reduction="mean")
-                grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), max_norm)
-                loss_f, norm_f = float(loss_val), float(grad_norm) if grad_norm is not None else 0.0
+                loss_f, norm_f = float(loss_val), self.backend.clip(max_norm)
                 self.tokens_seen += tokens_per_step
                 if not (math.isfinite(loss_f) and math.isfinite(norm_f)) and not self._fp16_overflow(loss_f):
                     self._skip_step(loss_f, norm_f, res)
                     continue
-                self._raw_optimizer.step()
-                self._raw_optimizer.zero_grad(set_to_none=True)
-                if self.acc.optimizer_step_was_skipped:  # fp16 overflow: the scaler lowered its scale
+                if not self.backend.step():  # fp16 overflow: the loss scaler lowered its scale
                     self.skipped += 1
-                    self._log(
-                        {"event": "fp16_overflow", "step": self.step, "scale": self.acc.scaler.get_scale()}
-                    )
+                    scale = self.acc.scaler.get_scale() if self.acc.scaler is not None else None
+                    self._log({"event": "fp16_overflow", "step": self.step, "scale": scale})
                     continue
                 self.scheduler.step()
                 self.step += 1
@@ -513,7 +510,13 @@ class Engine:
                     torch.cuda.synchronize()
                 window_time += time.perf_counter() - t0
                 window_tokens += tokens_per_step
-                if self.step % log_every == 0 or self.step == t.max_steps:
+                run_time, run_tokens = run_time + time.perf_counter() - t0, run_tokens + tokens_per_step
+                res.tokens_per_s = run_tokens / max(run_time, 1e-9)
+                if self.bar is not None:
+                    self.bar.update(1)
+                    self.bar.set_postfix(loss=f"{loss_f:.3f}", tok_s=f"{res.tokens_per_s:,.0f}", refresh=False)
+                first = t.logging_first_step and self.step == 1 and t.logging_strategy != "no"
+                if first or log_every and (self.step % log_every == 0 or self.step == t.max_steps):
                     tps = window_tokens / max(window_time, 1e-9)
                     mfu, _ = describe_mfu(tps, flops_tok, self.precision)
                     rec = {
@@ -528,7 +531,6 @@ class Engine:
                     if mfu is not None:
                         rec["mfu"] = mfu
                     self._log(rec)
-                    res.tokens_per_s = tps
                     window_tokens, window_time = 0, 0.0
                 if eval_every and self.step % eval_every == 0 and self.step < t.max_steps:
                     ev = self.evaluate()
@@ -541,16 +543,18 @@ class Engine:
                             )
                 if save_every and self.step % save_every == 0:
                     self.save()
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
             return self._finish(res, stopped)
 
     def _fp16_overflow(self, loss_f: float) -> bool:
         """An inf gradient with a finite loss under fp16 is the scaler's business, not a bad step."""
-        return self.acc.scaler is not None and math.isfinite(loss_f)
+        return self.backend.loss_scaling and math.isfinite(loss_f)
 
     def _skip_step(self, loss_f: float, norm_f: float, res: TrainResult) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.acc.scaler is not None:  # keep the scaler's bookkeeping consistent after unscale_
-            self.acc.scaler.update(self.acc.scaler.get_scale() / 2)
+        # gradients dropped, weights and optimizer untouched (under DeepSpeed by the engine's own skip)
+        self.backend.skip()
         self.skipped += 1
         self.bad_in_a_row += 1
         res.skipped_steps = self.skipped
@@ -577,7 +581,7 @@ class Engine:
         final evaluation) only the checkpoint, then the exit status 128 + signal number."""
         res.step, res.tokens_seen, res.skipped_steps = self.step, self.tokens_seen, self.skipped
         res.data_stats = dict(self.train_data.stats)
-        if not stopped and self.cfg.train.save_steps:
+        if not stopped and self.cfg.train.save_strategy != "no" and self.cfg.train.save_steps:
             self.save_if_changed()  # the final step is always resumable (and extendable with a larger --max_steps)
         res.final_eval = None if stopped else self.evaluate()
         if res.final_eval is None:
@@ -591,14 +595,18 @@ class Engine:
         self._log({"event": "eval", "step": self.step, **res.final_eval})
         full_weights = None
         if self.cfg.run.save_final_model and self.sharded:  # a collective: every process takes part
-            full_weights = {k.removeprefix("lm."): v for k, v in self.acc.get_state_dict(self.model).items()}
+            full_weights = self.backend.full_state_dict()
         if self.is_main:
             if not self.sharded:
                 res.samples = self.sample(seed=self.cfg.train.seed)
             for s in res.samples:
-                self._log({"event": "sample", "step": self.step, "text": s})
+                # into the log only: the end-of-run summary prints each sample once
+                self.reporter.log({"event": "sample", "step": self.step, "text": s})
             if self.cfg.run.save_final_model:
                 res.final_model_dir = str(self._save_final(res, full_weights))
+                if self.hub_repo:
+                    url = push_folder(res.final_model_dir, self.hub_repo, self.cfg.train.hub_private_repo)
+                    print(f"pushed {res.final_model_dir} to {url}", flush=True)
             self._log({"event": "data", "step": self.step, **res.data_stats})
             if self.cfg.run.plot:
                 plot_loss_curve(
@@ -617,7 +625,7 @@ class Engine:
         tmp = self.out / ".final.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         self.lm.config.use_cache = True
-        self.lm.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        ckpt.save_hf_model(self.lm, tmp, state_dict)
         self.tokenizer.save_pretrained(tmp)
         metrics = {"step": res.step, "tokens_seen": res.tokens_seen, **(res.final_eval or {})}
         (tmp / "training_metrics.json").write_text(json.dumps(metrics, indent=1))
@@ -628,18 +636,27 @@ class Engine:
         return final
 
 
-def _report_to(value: Any) -> list[str]:
-    if value in (None, "none", ["none"]):
-        return []
-    return [value] if isinstance(value, str) else list(value)
+def _interval(strategy: Any, steps: float | None, max_steps: int) -> int:
+    """Steps between two events (0 = never); like the Trainer, a value below 1 is a ratio of the run."""
+    if str(getattr(strategy, "value", strategy)) == "no" or not steps:
+        return 0
+    return max(math.ceil(steps * max_steps), 1) if steps < 1 else int(steps)
 
 
-def _py_rng_to_json(state: tuple) -> list:
-    return [state[0], list(state[1]), state[2]]
+def progress_bar(args: Any, initial: int, enabled: bool) -> Any:
+    """A tqdm bar (step / max_steps, ETA, loss, tokens/s) on a terminal or in a notebook (widget); None when
+    output goes to a file or a pipe, where a bar would fill the log with carriage returns."""
+    import sys
 
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    # a Jupyter kernel (not merely ipykernel imported, as pytest's nbval plugin does)
+    in_notebook = type(shell).__name__ == "ZMQInteractiveShell"
+    if not enabled or args.disable_tqdm or not (in_notebook or sys.stderr.isatty()):
+        return None
+    from tqdm.auto import tqdm
 
-def _py_rng_from_json(state: list) -> tuple:
-    return (state[0], tuple(state[1]), state[2])
+    return tqdm(total=args.max_steps, initial=initial, desc="train", unit="step", dynamic_ncols=True)
 
 
 def _model_card(cfg: Config, metrics: dict, n_params: int) -> str:

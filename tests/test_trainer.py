@@ -1,0 +1,195 @@
+"""The engine honours the TrainingArguments it inherits: epochs, strategies, resume_from_checkpoint, data_seed,
+activation checkpointing, torch.compile's mode, the progress bar and the start-up check of --push_to_hub."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import read_log, run_train, tiny_args
+
+from gpt2_training.cli import parse_config
+from gpt2_training.data import resolve_tokenizer
+from gpt2_training.data.pipeline import is_validation
+from gpt2_training.errors import ConfigError
+from gpt2_training.trainer import Engine, progress_bar, train
+
+
+def _engine(tmp_path, *extra, **settings) -> Engine:
+    engine = Engine(parse_config(tiny_args(tmp_path, *extra, **settings)))
+    engine.setup()
+    return engine
+
+
+def _corpus(tmp_path: Path) -> Path:
+    """Sixty small documents (enough for the document-level held-out split at 200 per mille): a finite local
+    corpus whose size the test can count by itself."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for i in range(60):
+        words = " ".join(f"word{(i * 7 + j) % 50} and more text" for j in range(12))
+        (folder / f"doc{i}.txt").write_text(f"Document {i}. {words}\n")
+    return folder
+
+
+def test_num_train_epochs_sets_the_steps(tmp_path, env):
+    corpus = _corpus(tmp_path)
+    cfg = parse_config(
+        tiny_args(
+            tmp_path / "run",
+            "--num_train_epochs",
+            "2",
+            dataset=str(corpus),
+            max_steps=-1,
+            tokenizer="train",
+            validation_per_mille=200,
+            save_steps=0,
+            logging_steps=100,
+        )
+    )
+    tok = resolve_tokenizer(cfg.data, seed=cfg.train.seed)
+    # the count the engine should arrive at, from the documents themselves
+    docs = [p.read_text() for p in sorted(corpus.iterdir())]
+    train_tokens = sum(len(tok(d).input_ids) + 1 for d in docs if not is_validation(d, 200))
+    expected = math.ceil(2 * (train_tokens // 32) / 4)
+    result = train(cfg)
+    assert result.step == expected and len(result.losses) == expected
+
+
+def test_strategies_no(tmp_path, env):
+    out = tmp_path / "run"
+    argv = tiny_args(out, "--eval_strategy", "no", "--save_strategy", "no", "--logging_strategy", "no")
+    result = train(parse_config(argv + ["--eval_on_start", "false", "--eval_steps", "2"]))
+    events = [r["event"] for r in read_log(out)]
+    assert "train" not in events and events.count("eval") == 1, events
+    assert result.initial_eval is None and result.final_eval is not None
+    assert not list(out.glob("checkpoint-*"))
+
+
+def test_logging_first_step(tmp_path, env):
+    out = tmp_path / "run"
+    train(parse_config(tiny_args(out, "--logging_first_step", "true", logging_steps=5, save_steps=0)))
+    assert [r["step"] for r in read_log(out) if r["event"] == "train"] == [1, 5, 6]
+    # a ratio below 1 is a fraction of the run, as in the Trainer: 0.5 of 6 steps = every 3
+    out2 = tmp_path / "run2"
+    train(parse_config(tiny_args(out2, logging_steps=0.5, save_steps=0)))
+    assert [r["step"] for r in read_log(out2) if r["event"] == "train"] == [3, 6]
+
+
+def test_resume_from_checkpoint(tmp_path, env):
+    out = tmp_path / "run"
+    first = train(parse_config(tiny_args(out, max_steps=4, save_steps=2, save_total_limit=3)))
+    again = train(
+        parse_config(tiny_args(out, "--resume_from_checkpoint", str(out / "checkpoint-2"), max_steps=4))
+    )
+    assert again.resumed_from == str(out / "checkpoint-2")
+    assert again.losses == first.losses[2:]
+    newest = parse_config(tiny_args(out, "--resume_from_checkpoint", "True", max_steps=4))
+    assert newest.run.resume == str(out / "checkpoint-4")
+    with pytest.raises(ConfigError, match="holds no complete checkpoint"):
+        parse_config(tiny_args(tmp_path / "empty", "--resume_from_checkpoint", "true"))
+    with pytest.raises(ConfigError, match="contradicts --resume never"):
+        parse_config(tiny_args(out, "--resume_from_checkpoint", "True", resume="never"))
+
+
+def test_data_seed_changes_only_the_data(tmp_path, env):
+    a = _engine(tmp_path / "a", "--data_seed", "1", shuffle_buffer=64)
+    b = _engine(tmp_path / "b", "--data_seed", "2", shuffle_buffer=64)
+    wa, wb = a.lm.transformer.wte.weight, b.lm.transformer.wte.weight
+    assert torch.equal(wa, wb), "the model seed did not change"
+    assert not torch.equal(a._next_batch(4), b._next_batch(4))
+
+
+def test_batch_shape(tmp_path, env):
+    engine = _engine(tmp_path, per_device_train_batch_size=3)
+    x = engine._next_batch(3)
+    assert x.shape == (3, 32) and x.dtype == torch.int64
+
+
+def test_eval_batch_size_does_not_change_the_loss(tmp_path, env):
+    one = _engine(tmp_path / "a", per_device_eval_batch_size=1).evaluate()
+    eight = _engine(tmp_path / "b", per_device_eval_batch_size=8).evaluate()
+    assert one["eval_loss"] == pytest.approx(eight["eval_loss"], rel=1e-6)
+
+
+def test_gradient_checkpointing_kwargs(tmp_path, env):
+    plain = _engine(tmp_path / "a", "--gradient_checkpointing", "true")
+    block = plain.lm.transformer.h[0]
+    assert block.gradient_checkpointing and block._gradient_checkpointing_func.keywords == {
+        "use_reentrant": False
+    }
+    kw = _engine(
+        tmp_path / "b",
+        "--gradient_checkpointing",
+        "true",
+        "--gradient_checkpointing_kwargs",
+        '{"use_reentrant": true}',
+    )
+    assert kw.lm.transformer.h[0]._gradient_checkpointing_func.keywords == {"use_reentrant": True}
+
+
+def test_torch_compile_mode(tmp_path, env):
+    compiled = _engine(tmp_path / "a", "--torch_compile_mode", "reduce-overhead")
+    assert type(compiled.model).__name__ == "OptimizedModule"
+    with pytest.raises(ConfigError, match="bogus"):
+        _engine(tmp_path / "b", "--torch_compile_mode", "bogus")
+
+
+def test_progress_bar_only_on_a_terminal(tmp_path, monkeypatch):
+    args = parse_config(tiny_args(tmp_path)).train
+    assert progress_bar(args, 0, enabled=True) is None, "pytest's captured stderr is not a terminal"
+
+    class Terminal:
+        def isatty(self):
+            return True
+
+        def write(self, s):
+            return len(s)
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    bar = progress_bar(args, 2, enabled=True)
+    assert bar is not None and (bar.n, bar.total) == (2, 6)
+    bar.close()
+    args.disable_tqdm = True
+    assert progress_bar(args, 0, enabled=True) is None
+    assert progress_bar(parse_config(tiny_args(tmp_path)).train, 0, enabled=False) is None
+
+
+def _push_env(env, tmp_path, **extra):
+    sub = {k: v for k, v in env.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN")}
+    sub["HF_HOME"] = str(tmp_path / "hf_home")  # no stored login
+    sub.update(extra)
+    return sub
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({"HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE=1"),
+        ({}, "needs a Hugging Face token"),
+        # a token, but a Hub that cannot be reached (a closed local port)
+        ({"HF_TOKEN": "hf_" + "x" * 34, "HF_ENDPOINT": "http://127.0.0.1:9"}, "could not be reached"),
+    ],
+)
+def test_push_to_hub_fails_at_start_up(tmp_path, env, extra, message):
+    out = tmp_path / "run"
+    argv = tiny_args(out, "--push_to_hub", "true", "--hub_model_id", "me/tiny", "--hub_private_repo", "true")
+    proc = run_train(argv, _push_env(env, tmp_path, **extra), timeout=60)
+    assert proc.returncode == 2, proc.stdout
+    assert message in proc.stdout and not out.exists()
+    with pytest.raises(ConfigError, match="--hub_strategy every_save is not supported"):
+        parse_config(argv + ["--hub_strategy", "every_save"])
+
+
+def test_first_batch_is_the_stream_s_first_sequences(tmp_path, env):
+    engine = _engine(tmp_path, per_device_train_batch_size=2)
+    fresh = _engine(tmp_path / "b", per_device_train_batch_size=2)
+    expected = np.stack([next(fresh.train_data) for _ in range(2)])
+    assert np.array_equal(engine._next_batch(2).numpy(), expected)
