@@ -144,9 +144,10 @@ def prepare_main(argv: list[str]) -> dict:
         validation_per_mille=data.validation_per_mille,
         num_proc=rest.num_proc,
         source_options=source_options(data, rest.seed),
+        # the tokenizer is part of the folder, so it is written before the folder appears complete
+        before_publish=lambda tmp: tokenizer.save_pretrained(tmp / "tokenizer"),
     )
     tok_dir = Path(rest.out) / "tokenizer"
-    tokenizer.save_pretrained(tok_dir)
     print(
         f"wrote {meta['tokens']['train']:,} train and {meta['tokens']['validation']:,} validation tokens "
         f"({meta['dtype']}) from {meta['documents']['train'] + meta['documents']['validation']:,} documents to "

@@ -11,6 +11,7 @@ so resuming is O(1) and exact. This is the fastest path and the one a multi-day 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -20,7 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..errors import DataError
-from .pipeline import READ_BATCH_CHARS, is_validation
+from .pipeline import READ_BATCH_CHARS, HeldOut, is_validation
 from .sources import DocumentSource
 
 SHARD_TOKENS = 100_000_000  # 200 MB per uint16 shard: few files, each cheap to map
@@ -56,6 +57,115 @@ class _ShardWriter:
             self._file = None
 
 
+PREPARE_BLOCK_DOCUMENTS = 4096  # a one-shard source is prepared in blocks of this many documents
+
+
+def _split_pieces(pieces, held_out: HeldOut):
+    """(split, text, last) for each piece: the same held-out rule as the streaming pipeline."""
+    split = None
+    cut = done = 0
+    for piece in pieces:
+        if split is None:
+            done = 0
+            if held_out.by_document:
+                split = "validation" if is_validation(piece.text, held_out.per_mille) else "train"
+            else:
+                split, cut = "tail", held_out.cut(piece.text)
+        if split == "tail":
+            inside = max(0, min(len(piece.text), cut - done))
+            if inside:
+                yield "train", piece.text[:inside], done + inside >= cut, done == 0
+            if inside < len(piece.text) or piece.last:
+                yield "validation", piece.text[inside:], piece.last, done + inside == cut
+        else:
+            yield split, piece.text, piece.last, done == 0
+        done += len(piece.text)
+        if piece.last:
+            split = None
+
+
+def _prepare_unit(job: dict) -> list[dict]:
+    """Tokenize one unit of work (a shard, or every num_proc-th block of a one-shard source) into
+    `units/<name>.<split>.bin` files; a unit is done when its `.json` exists. Returns the new units' counts."""
+    from .sources import open_source
+    from .workers import Encoder
+
+    source = job.get("source") or open_source(**job["source_options"])
+    encoder: Encoder = job["encoder"]
+    folder = Path(job["folder"])
+    eos = job["eos"]
+    held_out = job["held_out"]
+    if job["kind"] == "shard":
+        pieces = source.pieces(0, None, shards=[job["index"]])
+        return [_write_unit(folder, f"s{job['index']:06d}", _split_pieces(pieces, held_out), encoder, eos)]
+    # One shard: every process reads it and tokenizes the blocks b with b % stride == index.
+    stride, index = job["stride"], job["index"]
+    done: list[dict] = []
+    block, docs, mine = 0, 0, []
+
+    def finish() -> None:
+        name = f"b{block:09d}"
+        if block % stride == index and not (folder / f"{name}.json").exists():
+            done.append(_write_unit(folder, name, _split_pieces(mine, held_out), encoder, eos))
+
+    for piece in source.pieces(0, None):
+        if block % stride == index:  # the other processes' blocks are only counted
+            mine.append(piece)
+        if piece.last:
+            docs += 1
+            if docs == job["block"]:
+                finish()
+                block, docs, mine = block + 1, 0, []
+    if docs:
+        finish()
+    return done
+
+
+def _write_unit(folder: Path, name: str, parts, encoder, eos: int) -> dict:
+    counts = {
+        "name": name,
+        "documents": {"train": 0, "validation": 0},
+        "tokens": {"train": 0, "validation": 0},
+    }
+    files = {s: open(folder / f".{name}.{s}.bin", "wb") for s in ("train", "validation")}  # noqa: SIM115
+    batch: list[tuple[str, str, bool]] = []
+    chars = 0
+
+    def flush() -> None:
+        for (split, _, last), ids in zip(batch, encoder([t for _, t, _ in batch]), strict=True):
+            arr = np.append(ids, eos) if last else ids
+            files[split].write(arr.astype(encoder.dtype).tobytes())
+            counts["tokens"][split] += len(arr)
+        batch.clear()
+
+    try:
+        for split, text, last, first in parts:
+            if first:
+                counts["documents"][split] += 1
+            batch.append((split, text, last))
+            chars += len(text)
+            if chars >= READ_BATCH_CHARS:
+                flush()
+                chars = 0
+        if batch:
+            flush()
+    finally:
+        for f in files.values():
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+    for split in files:
+        os.replace(folder / f".{name}.{split}.bin", folder / f"{name}.{split}.bin")
+    tmp = folder / f".{name}.json"
+    tmp.write_text(json.dumps(counts))
+    os.replace(tmp, folder / f"{name}.json")  # the unit is complete only once this file exists
+    return counts
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def prepare_shards(
     source: DocumentSource,
     tokenizer,
@@ -64,62 +174,169 @@ def prepare_shards(
     validation_per_mille: int = 50,
     shard_tokens: int = SHARD_TOKENS,
     progress: bool = True,
+    num_proc: int = 1,
+    source_options: dict | None = None,
+    block_documents: int = PREPARE_BLOCK_DOCUMENTS,
+    before_publish=None,
 ) -> dict:
-    """Tokenize every document of `source` once into train/validation shards; returns the metadata."""
+    """Tokenize every document of `source` once into train/validation shards; returns the metadata.
+
+    `num_proc` processes work on the source's shards (or, for a one-shard source, on blocks of documents);
+    the output is byte-identical for every `num_proc`. Work is kept per unit in `.<out>.partial/units`, so a
+    killed prepare resumes with the units it finished; the folder appears under its name only when complete.
+    Processes other than this one reopen the source from `source_options` (`open_source` keywords)."""
+    from .workers import Encoder
+
+    if num_proc < 1:
+        raise DataError(f"--num_proc must be 1 or more, got {num_proc}")
+    cores = usable_cores()
+    if num_proc > cores:
+        print(
+            f"prepare: --num_proc {num_proc} is more than the {cores} usable cores; using {cores}", flush=True
+        )
+        num_proc = cores
+    if num_proc > 1 and source_options is None:
+        raise DataError("prepare with num_proc > 1 needs source_options to reopen the source in each process")
     out = Path(out_dir)
     if (out / "meta.json").exists():
         raise DataError(f"{out} already holds prepared shards; choose another --out or delete it first")
     tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    units_dir = tmp / "units"
     dtype = np.dtype(np.uint16 if len(tokenizer) <= 65536 else np.uint32)
-    writers = {s: _ShardWriter(tmp, s, dtype, shard_tokens) for s in ("train", "validation")}
-    counts = {"documents": {"train": 0, "validation": 0}, "tokens": {"train": 0, "validation": 0}}
-    eos = tokenizer.eos_token_id
-    bar = tqdm(desc="prepare", unit=" tok", unit_scale=True, disable=not progress)
-    batch: list[tuple[str, bool, str]] = []
-    split_of_doc: str | None = None
-
-    def flush() -> None:
-        encoded = tokenizer([t for t, _, _ in batch], add_special_tokens=False)["input_ids"]
-        for ids, (_, last, split) in zip(encoded, batch, strict=True):
-            arr = np.asarray(ids + [eos] if last else ids, dtype=np.int64)
-            writers[split].write(arr)
-            counts["tokens"][split] += len(arr)
-            bar.update(len(arr))
-        batch.clear()
-
-    chars = 0
-    for piece in source.pieces(0, None):
-        if split_of_doc is None:
-            split_of_doc = "validation" if is_validation(piece.text, validation_per_mille) else "train"
-            counts["documents"][split_of_doc] += 1
-        batch.append((piece.text, piece.last, split_of_doc))
-        chars += len(piece.text)
-        if piece.last:
-            split_of_doc = None
-        if chars >= READ_BATCH_CHARS:
-            flush()
-            chars = 0
-    if batch:
-        flush()
-    bar.close()
-    for w in writers.values():
-        w._close()
-    meta = {
-        "format": 1,
-        "dtype": dtype.name,
-        "vocab_size": len(tokenizer),
-        "eos_token_id": eos,
-        "tokenizer": getattr(tokenizer, "name_or_path", ""),
+    encoder = Encoder(tokenizer, dtype)
+    held_out = HeldOut(source, validation_per_mille)
+    one_shard = getattr(source, "num_shards", 1) < 2
+    plan = {
         "source": source.description,
+        "tokenizer": hashlib.sha256((encoder._json or "").encode()).hexdigest()[:16],
+        "vocab_size": len(tokenizer),
         "validation_per_mille": validation_per_mille,
-        "shards": {s: w.files for s, w in writers.items()},
-        **counts,
+        "held_out": "documents" if held_out.by_document else "tail",
+        "units": "blocks" if one_shard else getattr(source, "num_shards", 1),
+        "block_documents": block_documents,
     }
+    plan_path = tmp / "plan.json"
+    if plan_path.exists() and json.loads(plan_path.read_text()) == plan:
+        kept = len(list(units_dir.glob("*.json")))
+        if kept:
+            print(f"prepare: resuming {tmp} with {kept} finished units", flush=True)
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
+        units_dir.mkdir(parents=True)
+        plan_path.write_text(json.dumps(plan))
+    for leftover in units_dir.glob(".*"):  # a unit being written when the last run was killed
+        leftover.unlink()
+    common = {
+        "encoder": encoder,
+        "held_out": held_out,
+        "eos": tokenizer.eos_token_id,
+        "folder": str(units_dir),
+        "source_options": source_options,
+    }
+    if one_shard:
+        jobs = [
+            {**common, "kind": "blocks", "index": i, "stride": num_proc, "block": block_documents}
+            for i in range(num_proc)
+        ]
+    else:
+        jobs = [
+            {**common, "kind": "shard", "index": u}
+            for u in range(source.num_shards)
+            if not (units_dir / f"s{u:06d}.json").exists()
+        ]
+    bar = _Progress(len(jobs) if not one_shard else None, progress)
+    if num_proc == 1:
+        for job in jobs:
+            bar.update(_prepare_unit({**job, "source": source}))
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures.process import BrokenProcessPool
+
+        context = multiprocessing.get_context("spawn")
+        try:
+            with ProcessPoolExecutor(num_proc, mp_context=context) as pool:
+                for result in pool.map(_prepare_unit, jobs):
+                    bar.update(result)
+        except BrokenProcessPool as error:
+            raise DataError(
+                f"a prepare worker process died ({error}); finished units are kept in {tmp}: run the same "
+                "command again to resume, or use --num_proc 1"
+            ) from error
+    bar.close()
+    meta = _merge_units(tmp, units_dir, dtype, shard_tokens)
+    meta.update(
+        {
+            "format": 1,
+            "dtype": dtype.name,
+            "vocab_size": len(tokenizer),
+            "eos_token_id": tokenizer.eos_token_id,
+            "tokenizer": getattr(tokenizer, "name_or_path", ""),
+            "source": source.description,
+            "validation_per_mille": validation_per_mille,
+            "held_out": held_out.note(),
+        }
+    )
+    shutil.rmtree(units_dir)
+    plan_path.unlink()
+    if before_publish is not None:
+        before_publish(tmp)
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     os.replace(tmp, out)  # the folder appears complete or not at all
     return meta
+
+
+def _merge_units(tmp: Path, units_dir: Path, dtype: np.dtype, shard_tokens: int) -> dict:
+    """Concatenate the units, in source order, into the final shard files."""
+    names = sorted(p.name[: -len(".json")] for p in units_dir.glob("*.json"))
+    writers = {s: _ShardWriter(tmp, s, dtype, shard_tokens) for s in ("train", "validation")}
+    counts = {"documents": {"train": 0, "validation": 0}, "tokens": {"train": 0, "validation": 0}}
+    for name in names:
+        unit = json.loads((units_dir / f"{name}.json").read_text())
+        for split, w in writers.items():
+            counts["documents"][split] += unit["documents"][split]
+            counts["tokens"][split] += unit["tokens"][split]
+            data = np.fromfile(units_dir / f"{name}.{split}.bin", dtype=dtype)
+            w.write(data)
+    for w in writers.values():
+        w._close()
+    return {"shards": {s: w.files for s, w in writers.items()}, **counts}
+
+
+class _Progress:
+    """tqdm's bar with tokens/s and (when the number of units is known) an ETA; plain lines without a TTY."""
+
+    def __init__(self, total: int | None, enabled: bool):
+        import sys
+        import time
+
+        self.enabled, self.total, self.done, self.tokens = enabled, total, 0, 0
+        self.start = self.last = time.monotonic()
+        self.tty = sys.stderr.isatty()
+        self.bar = tqdm(total=total, desc="prepare", unit=" unit", disable=not (enabled and self.tty))
+
+    def update(self, units: list[dict]) -> None:
+        import time
+
+        tokens = sum(u["tokens"]["train"] + u["tokens"]["validation"] for u in units)
+        self.done += len(units) if self.total is not None else 0
+        self.tokens += tokens
+        rate = self.tokens / max(time.monotonic() - self.start, 1e-9)
+        if self.tty:
+            self.bar.update(len(units) if self.total is not None else 0)
+            self.bar.set_postfix_str(f"{self.tokens:,} tokens, {rate:,.0f} tokens/s")
+        elif self.enabled and time.monotonic() - self.last > 10:
+            self.last = time.monotonic()
+            eta = ""
+            if self.total:
+                eta = f", ETA {(time.monotonic() - self.start) / self.done * (self.total - self.done):.0f} s"
+            print(
+                f"prepare: {self.done}/{self.total or '?'} units, {self.tokens:,} tokens, {rate:,.0f} tokens/s{eta}",
+                flush=True,
+            )
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 class ShardStream:

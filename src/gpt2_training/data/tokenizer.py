@@ -49,7 +49,8 @@ def train_bpe_tokenizer(
         os.replace(tmp, out)  # atomic: a cache entry is complete or absent
     except OSError:  # another process finished the same tokenizer first: theirs is identical, keep it
         shutil.rmtree(tmp, ignore_errors=True)
-    return fast
+    # loaded back, so a new and a cached tokenizer are the same object (name, settings)
+    return load_tokenizer(str(out))
 
 
 def cached_bpe_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
