@@ -16,19 +16,21 @@ ifeq ($(TORCH_VARIANT),cuda)
 REQS_BASE += requirements/cuda.txt
 endif
 REQS_FF := requirements/full-finetuning.txt
+REQS_DS := requirements/deepspeed.txt
 
 # The stamp names carry a hash of the pinned requirements, so a re-lock re-installs and an
 # unchanged lock makes `make install` instant.
 hash_of = $(shell cat $(1) pyproject.toml | sha256sum | cut -c1-12)
 STAMP_BASE := $(VENV)/.installed-$(call hash_of,$(REQS_BASE))
 STAMP_FF := $(VENV)/.installed-ff-$(call hash_of,$(REQS_BASE) $(REQS_FF))
+STAMP_DS := $(VENV)/.installed-ds-$(call hash_of,$(REQS_BASE) $(REQS_FF) $(REQS_DS))
 
 TEST_ENV := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
 LINT_PATHS := src tests bench 01-Full-Fine-Tuning/train.py
 NOTEBOOKS := $(wildcard 01-Full-Fine-Tuning/*.ipynb)
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-full-finetuning train test lab lint format notebooks bench lock \
+.PHONY: help install install-full-finetuning install-deepspeed train test lab lint format notebooks bench lock \
         lock-check clean distclean
 
 help: ## list the targets
@@ -53,10 +55,17 @@ $(STAMP_FF): $(STAMP_BASE)
 install: $(STAMP_BASE) ## create .venv and install the locked runtime + dev dependencies
 install-full-finetuning: $(STAMP_FF) ## install + the full-finetuning group (deeplake, bitsandbytes, wandb)
 
+# DS_BUILD_OPS=0: no C++/CUDA op is compiled at install; the trainer uses torch's optimizers and gloo/NCCL.
+$(STAMP_DS): $(STAMP_FF)
+	DS_BUILD_OPS=0 $(PIP) install -r $(REQS_DS)
+	touch $@
+
+install-deepspeed: $(STAMP_DS) ## install-full-finetuning + DeepSpeed (no ops compiled); `make test` needs it
+
 train: install-full-finetuning ## CPU quick-start training run
 	$(VPY) 01-Full-Fine-Tuning/train.py --config 01-Full-Fine-Tuning/configs/cpu-quickstart.yaml
 
-test: install-full-finetuning ## run the test suite (offline)
+test: install-deepspeed ## run the test suite (offline)
 	$(TEST_ENV) $(VPY) -m pytest $(PYTEST_ARGS)
 
 lab: install-full-finetuning ## start JupyterLab on the tutorial

@@ -1,11 +1,12 @@
-"""Multi-process training: DDP (torchrun / accelerate launch / the notebook launcher) on CPU with gloo, and the
-GPU-only paths (FSDP, DeepSpeed ZeRO) marked `gpu`.
+"""Multi-process training on CPU with gloo: DDP (torchrun / accelerate launch / the notebook launcher), DeepSpeed
+ZeRO 1-3 (each through another launcher), FSDP2, resume on another number of processes, and a two-node rendezvous.
 
 Equivalence tolerance: 2 processes x B sequences equals 1 process x 2 accumulation x B in content (ShardStream
 gives rank r window perm[index + r]), so only the floating-point summation order differs (gloo all-reduce of two
 half-gradients vs. one accumulated gradient). In fp32 with dropout 0 the per-step losses agree to ~1e-7
 relative; rtol=1e-5 leaves headroom for other BLAS builds while any real difference (another batch, a double
-loss scaling, a missing all-reduce) moves the loss by >1e-3 after a step or two.
+loss scaling, a missing all-reduce, a lost optimizer state) moves the loss by >1e-3 after a step or two. The same
+tolerance holds for ZeRO 1-3 and FSDP against DDP: they shard the same fp32 arithmetic (observed: equal to 1e-7).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,9 +23,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import OFFLINE
+from conftest import OFFLINE, train_losses, wait_for
 from safetensors.torch import load_file
 
+from gpt2_training import checkpoint as ckpt
 from gpt2_training.launch import (
     REPO_ROOT,
     TRAIN_SCRIPT,
@@ -32,14 +36,11 @@ from gpt2_training.launch import (
 )
 
 CONFIGS = REPO_ROOT / "01-Full-Fine-Tuning" / "configs"
-ENV = {**OFFLINE, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT / "src")}
+# DS_ACCELERATOR: the `deepspeed` launcher runs before the trainer could choose DeepSpeed's CPU accelerator
+ENV = {**OFFLINE, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT / "src"), "DS_ACCELERATOR": "cpu"}
 STEPS = 6
 LOSS_RTOL = 1e-5
 WEIGHT_ATOL = 5e-5  # observed max |diff| 5.5e-6 after 6 Adam steps; one Adam step moves weights ~lr = 3e-3
-
-requires_gpus = pytest.mark.skipif(
-    torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (FSDP/DeepSpeed shard across GPUs; none here)"
-)
 
 
 def _env() -> dict[str, str]:
@@ -90,6 +91,13 @@ def _train_losses(out: Path) -> list[float]:
 
 def _weights(out: Path) -> dict[str, torch.Tensor]:
     return load_file(out / "final" / "model.safetensors")
+
+
+def assert_equal_weights(a: Path, b: Path) -> None:
+    """Bit-identical tensors (exact resume), not merely close ones."""
+    wa, wb = load_file(a), load_file(b)
+    assert wa.keys() == wb.keys()
+    assert not [k for k in wa if not torch.equal(wa[k], wb[k])]
 
 
 def _assert_same_weights(a: Path, b: Path) -> None:
@@ -259,7 +267,7 @@ def test_launcher_command_line():
     assert cmd[-5:] == [str(TRAIN_SCRIPT), "--config", "x.yaml", "--max_steps", "5"]
 
 
-# -- DeepSpeed: config handling runs here, the engine only on GPUs -------------------------------------------------
+# -- DeepSpeed: config handling --------------------------------------------------------------------------------
 def test_deepspeed_config_auto_values_are_filled_from_training_arguments(monkeypatch):
     from types import SimpleNamespace
 
@@ -303,85 +311,341 @@ def test_deepspeed_config_auto_values_are_filled_from_training_arguments(monkeyp
     )
 
 
-@pytest.mark.gpu
-@pytest.mark.slow
-@requires_gpus
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_deepspeed_zero_matches_ddp(stage, tmp_path):
-    """GPU-pending: DeepSpeed is an optional dependency and needs CUDA. Runs 2 GPUs x ZeRO-`stage` against DDP."""
-    pytest.importorskip("deepspeed", reason="the optional `deepspeed` dependency group is not installed")
-    shards = tmp_path / "shards"
-    _run(
-        [
-            sys.executable,
-            str(TRAIN_SCRIPT),
-            "prepare",
-            "--dataset",
-            "builtin",
-            "--tokenizer_vocab_size",
-            "1024",
-            "--out",
-            str(shards),
-        ]
-    )
-    ref, ds = tmp_path / "ddp", tmp_path / f"zero{stage}"
-    _run(torchrun_command(_common(shards, ref, save_steps=0, gradient_accumulation_steps=2), 2), timeout=600)
-    _run(
-        [
-            sys.executable,
-            "-m",
-            "deepspeed.launcher.runner",
-            "--num_gpus",
-            "2",
-            str(TRAIN_SCRIPT),
-            *_common(
-                shards,
-                ds,
-                save_steps=0,
-                gradient_accumulation_steps=2,
-                deepspeed=CONFIGS / f"ds_zero{stage}.json",
-            ),
-        ],
-        timeout=600,
-    )
-    np.testing.assert_allclose(_train_losses(ds), _train_losses(ref), rtol=1e-3)
+# -- DeepSpeed ZeRO 1-3 on CPU (gloo), one launcher each ---------------------------------------------------------
+def _torchrun(n: int, *args: str) -> list[str]:
+    port = str(_free_port())
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(n),
+        "--master_port",
+        port,
+        *args,
+    ]
 
 
-@pytest.mark.gpu
-@pytest.mark.slow
-@requires_gpus
-def test_fsdp_matches_ddp(tmp_path):
-    """GPU-only. On a CPU accelerate 1.15 silently ignores distributed_type FSDP: AcceleratorState switches to
-    FSDP only for GPU-like device types, a cpu=True run stays MULTI_CPU (observed: identical losses to DDP)."""
-    shards = tmp_path / "shards"
-    _run(
-        [
-            sys.executable,
-            str(TRAIN_SCRIPT),
-            "prepare",
-            "--dataset",
-            "builtin",
-            "--tokenizer_vocab_size",
-            "1024",
-            "--out",
-            str(shards),
-        ]
-    )
-    ref, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
-    _run(torchrun_command(_common(shards, ref), 2), timeout=600)
-    _run(
-        [
-            sys.executable,
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _zero_command(stage: int, out: Path, shards: Path, **overrides) -> list[str]:
+    """ZeRO-1 through the `deepspeed` launcher, ZeRO-2 through `accelerate launch` and the shipped DeepSpeed
+    config, ZeRO-3 through torchrun: every launcher a user may pick, one run each."""
+    args = [str(TRAIN_SCRIPT), *_common(shards, out, **overrides)]
+    if stage == 1:
+        runner = ["-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(_free_port())]
+        return [sys.executable, *runner, *args, "--deepspeed", str(CONFIGS / "ds_zero1.json")]
+    if stage == 2:
+        accelerate = [
             "-m",
             "accelerate.commands.launch",
             "--config_file",
-            str(CONFIGS / "accelerate_fsdp.yaml"),
+            str(CONFIGS / "accelerate_deepspeed.yaml"),
+        ]
+        return [
+            sys.executable,
+            *accelerate,
             "--num_processes",
             "2",
-            str(TRAIN_SCRIPT),
-            *_common(shards, fsdp),
-        ],
-        timeout=600,
+            "--main_process_port",
+            str(_free_port()),
+            *args,
+        ]
+    return _torchrun(2, *args, "--deepspeed", str(CONFIGS / "ds_zero3.json"))
+
+
+@pytest.fixture(scope="module")
+def zero(shards) -> dict[int, Path]:
+    runs = {}
+    for stage in (1, 2, 3):
+        runs[stage] = shards.parent / f"zero{stage}"
+        _run(_zero_command(stage, runs[stage], shards), timeout=240)
+    return runs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_deepspeed_zero_matches_ddp(zero, ddp, stage):
+    out = zero[stage]
+    np.testing.assert_allclose(_train_losses(out), _train_losses(ddp[0]), rtol=LOSS_RTOL)
+    _assert_same_weights(ddp[0], out)
+    # every process's optimizer partition is in the checkpoint and its manifest
+    ck = out / "checkpoint-6"
+    manifest = json.loads((ck / "manifest.json").read_text())["files"]
+    parts = sorted(n for n in manifest if re.search(r"zero_pp_rank_\d+_mp_rank_00_optim_states\.pt$", n))
+    assert parts == [f"deepspeed/state/zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)], parts
+    assert ckpt.verify(ck) is None
+
+
+@pytest.mark.slow
+def test_zero3_final_model_loads_with_pipeline(zero):
+    from transformers import pipeline
+
+    generate = pipeline("text-generation", model=str(zero[3] / "final"))
+    text = generate("The", max_new_tokens=4, do_sample=False)[0]["generated_text"]
+    assert text.startswith("The") and len(text) > len("The")
+
+
+def _kill_after(cmd: list[str], out: Path, step: int) -> None:
+    """Start a multi-process run and SIGKILL its whole process group once step `step` is logged."""
+    proc = subprocess.Popen(
+        cmd,
+        env=_env(),
+        cwd=REPO_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
-    np.testing.assert_allclose(_train_losses(fsdp), _train_losses(ref), rtol=1e-4)
-    _assert_same_weights(ref, fsdp)  # get_state_dict gathers the full state dict on rank 0
+    try:
+        wait_for(lambda: max(train_losses(out), default=0) >= step, 180, proc)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.mark.slow
+def test_zero3_sigkill_then_resume_is_exact(shards, zero):
+    out = shards.parent / "zero3-killed"
+    cmd = _zero_command(3, out, shards)
+    _kill_after(cmd, out, 4)
+    assert ckpt.latest_checkpoint(out) == out / "checkpoint-3"
+    proc = _run(cmd, timeout=240)
+    assert "resuming from" in proc.stdout
+    assert train_losses(out) == train_losses(zero[3])
+    assert_equal_weights(out / "final" / "model.safetensors", zero[3] / "final" / "model.safetensors")
+
+
+NAN_DRIVER = """
+import json, os, sys, torch
+from gpt2_training import backends, model
+
+rank = int(os.environ["RANK"])
+calls = {"n": 0}
+forward = model.CausalLMWithLoss.forward
+
+
+def poisoned(self, x):
+    loss = forward(self, x)
+    if self.lm.training:
+        calls["n"] += 1
+        # the third training forward of process 0 only: the all-reduce spreads the NaN to every process
+        if calls["n"] == 3 and rank == 0:
+            loss = loss * float("nan")
+    return loss
+
+
+def tensors(obj):
+    if torch.is_tensor(obj):
+        yield obj.detach().clone()
+    elif isinstance(obj, dict):
+        for k in sorted(obj, key=str):
+            yield from tensors(obj[k])
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from tensors(v)
+
+
+skip = backends.DeepSpeedBackend.skip
+
+
+def checked_skip(self):
+    before = list(tensors(self.full_state_dict())) + list(tensors(self.model.optimizer.state_dict()))
+    skip(self)
+    after = list(tensors(self.full_state_dict())) + list(tensors(self.model.optimizer.state_dict()))
+    same = len(before) == len(after) and all(torch.equal(a, b) for a, b in zip(before, after))
+    with open(os.environ["SKIP_REPORT"] + f".{rank}", "a") as f:
+        f.write(json.dumps({"tensors": len(before), "unchanged": same}) + "\\n")
+
+
+model.CausalLMWithLoss.forward = poisoned
+backends.DeepSpeedBackend.skip = checked_skip
+sys.argv = ["train.py", *sys.argv[1:]]
+from gpt2_training.cli import run
+
+sys.exit(run())
+"""
+
+
+@pytest.mark.slow
+def test_nonfinite_step_is_really_skipped_under_deepspeed(shards, tmp_path):
+    """A NaN planted in process 0's third forward (ZeRO-2): the guard skips that step on both processes, and the
+    weights and every optimizer tensor (ZeRO's fp32 partitions, Adam's moments) are bit-identical across it."""
+    driver = tmp_path / "nan_driver.py"
+    driver.write_text(NAN_DRIVER)
+    out, report = tmp_path / "nan", tmp_path / "skip"
+    args = _common(shards, out, max_steps=4, save_steps=0, deepspeed=CONFIGS / "ds_zero2.json")
+    proc = subprocess.run(
+        _torchrun(2, str(driver), *args),
+        env={**_env(), "SKIP_REPORT": str(report)},
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for r in (0, 1):
+        records = [json.loads(line) for line in Path(f"{report}.{r}").read_text().splitlines()]
+        assert records and all(rec["unchanged"] and rec["tensors"] > 10 for rec in records), records
+        assert len(records) == 1
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    bad = [r for r in log if r["event"] == "nonfinite"]
+    assert len(bad) == 1 and bad[0]["loss"] == "nan" and bad[0]["step"] == 2
+    assert [r["step"] for r in log if r["event"] == "train"] == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_deepspeed_refuses_another_process_count_with_the_fix(shards, zero, tmp_path):
+    out = tmp_path / "zero3-on-1"
+    shutil.copytree(zero[3] / "checkpoint-3", out / "checkpoint-3")
+    args = _common(shards, out, deepspeed=CONFIGS / "ds_zero3.json", gradient_accumulation_steps=2)
+    proc = subprocess.run(
+        _torchrun(1, str(TRAIN_SCRIPT), *args),
+        env=_env(),
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode != 0
+    err = proc.stdout + proc.stderr
+    assert "cannot resume" in err and "written by 2" in err and "Resume with 2 processes" in err, err[-3000:]
+    assert "--init_from" in err
+
+
+# -- FSDP2 on CPU (gloo) and resume on another number of processes ------------------------------------------------
+# A global batch of 12 sequences splits over 1, 2 and 3 processes: 2 x 6, 2 x 2 x 3, 2 x 2 x 2 (per device x
+# accumulation x processes), so every resumed run sees the same 12 windows per step as the reference run.
+SPLITS = {1: 6, 2: 3, 3: 2}
+
+
+def _split(n: int) -> dict:
+    return {"per_device_train_batch_size": 2, "gradient_accumulation_steps": SPLITS[n]}
+
+
+def _backend_args(backend: str) -> list[str]:
+    return ["--fsdp", "full_shard auto_wrap"] if backend == "fsdp" else []
+
+
+@pytest.fixture(scope="module", params=["ddp", "fsdp"])
+def resize_chain(request, shards) -> tuple[str, dict[str, Path]]:
+    """A 9-step reference on 2 processes (checkpoints at 3 and 6); then its step-3 checkpoint continued on 1
+    process to step 6, that one's step-6 checkpoint on 2 processes to step 9, and the reference's step-6
+    checkpoint on 3 processes to step 9."""
+    backend = request.param
+    root = shards.parent / f"resize-{backend}"
+    runs = {name: root / name for name in ("ref", "2to1", "1to2", "2to3")}
+
+    def train(name: str, n: int, steps: int, source: Path | None = None) -> None:
+        if source is not None:
+            shutil.copytree(source, runs[name] / source.name)
+        args = _common(shards, runs[name], max_steps=steps, **_split(n))
+        _run(_torchrun(n, str(TRAIN_SCRIPT), *args, *_backend_args(backend)), timeout=240)
+
+    train("ref", 2, 9)
+    train("2to1", 1, 6, runs["ref"] / "checkpoint-3")
+    train("1to2", 2, 9, runs["2to1"] / "checkpoint-6")
+    train("2to3", 3, 9, runs["ref"] / "checkpoint-6")
+    return backend, runs
+
+
+@pytest.mark.slow
+def test_resume_on_another_number_of_processes_continues_the_same_run(resize_chain):
+    """2 -> 1, 1 -> 2 and 2 -> 3 processes, under DDP and FSDP: the continued steps have the reference's losses
+    (weights, optimizer state, schedule and step all carried over: a reset Adam state or a wrong learning rate
+    would move the loss by far more than the tolerance) and the same final weights."""
+    backend, runs = resize_chain
+    ref = train_losses(runs["ref"])
+    assert sorted(ref) == list(range(1, 10))
+    for name, steps in (("2to1", range(4, 7)), ("1to2", range(7, 10)), ("2to3", range(7, 10))):
+        got = train_losses(runs[name])
+        assert sorted(got) == list(steps), (backend, name)
+        np.testing.assert_allclose([got[s] for s in steps], [ref[s] for s in steps], rtol=LOSS_RTOL)
+        state = json.loads((runs[name] / f"checkpoint-{max(steps)}" / "trainer_state.json").read_text())
+        assert state["step"] == max(steps)
+        assert state["fingerprint"]["world_size"] == {"2to1": 1, "1to2": 2, "2to3": 3}[name]
+    _assert_same_weights(runs["ref"], runs["1to2"])
+    _assert_same_weights(runs["ref"], runs["2to3"])
+
+
+@pytest.mark.slow
+def test_fsdp_matches_ddp_and_saves_a_loadable_model(resize_chain, request):
+    backend, runs = resize_chain
+    if backend != "fsdp":
+        pytest.skip("compares the FSDP chain with the DDP chain; runs on the fsdp parameter")
+    ddp_ref = runs["ref"].parent.parent / "resize-ddp" / "ref"
+    assert ddp_ref.exists(), "the ddp parameter of resize_chain runs first"
+    np.testing.assert_allclose(_train_losses(runs["ref"]), _train_losses(ddp_ref), rtol=LOSS_RTOL)
+    _assert_same_weights(ddp_ref, runs["ref"])
+    ck = runs["ref"] / "checkpoint-9"
+    names = json.loads((ck / "manifest.json").read_text())["files"]
+    assert {"dcp/.metadata", "dcp/__0_0.distcp", "dcp/__1_0.distcp"} <= set(names)
+    from transformers import pipeline
+
+    generate = pipeline("text-generation", model=str(runs["ref"] / "final"))
+    assert generate("The", max_new_tokens=4, do_sample=False)[0]["generated_text"].startswith("The")
+
+
+@pytest.mark.slow
+def test_fsdp_sigkill_then_resume_is_exact(shards, resize_chain):
+    backend, runs = resize_chain
+    if backend != "fsdp":
+        pytest.skip("FSDP only; DDP's kill/resume is tests/test_reliability.py's")
+    out = shards.parent / "fsdp-killed"
+    cmd = _torchrun(
+        2, str(TRAIN_SCRIPT), *_common(shards, out, max_steps=9, **_split(2)), *_backend_args("fsdp")
+    )
+    _kill_after(cmd, out, 4)
+    assert ckpt.latest_checkpoint(out) == out / "checkpoint-3"
+    proc = _run(cmd, timeout=240)
+    assert "resuming from" in proc.stdout
+    assert train_losses(out) == train_losses(runs["ref"])
+    assert_equal_weights(out / "final" / "model.safetensors", runs["ref"] / "final" / "model.safetensors")
+
+
+# -- two nodes ----------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_two_node_rendezvous_on_localhost_trains_and_checkpoints(shards, ddp):
+    """The form SETUP.md and train.sbatch use: one torchrun per node, c10d rendezvous on the first node."""
+    out = shards.parent / "two-nodes"
+    port = str(_free_port())
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--node_rank",
+                str(rank),
+                "--nproc_per_node",
+                "1",
+                "--rdzv_backend",
+                "c10d",
+                "--rdzv_endpoint",
+                f"127.0.0.1:{port}",
+                "--rdzv_id",
+                "two-node-test",
+                str(TRAIN_SCRIPT),
+                *_common(shards, out),
+            ],
+            env=_env(),
+            cwd=REPO_ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    outputs = [p.communicate(timeout=240)[0] for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "x 2 processes" in outputs[0] + outputs[1]
+    np.testing.assert_allclose(_train_losses(out), _train_losses(ddp[0]), rtol=LOSS_RTOL)
+    ck = out / "checkpoint-6"
+    assert ckpt.verify(ck) is None and {f"rank{r}.json" for r in (0, 1)} <= {p.name for p in ck.iterdir()}

@@ -29,11 +29,11 @@ Exported files:
 * ``requirements/lock.txt``            runtime dependencies ([project].dependencies), CPU torch
 * ``requirements/dev.txt``             dependency group ``dev``
 * ``requirements/full-finetuning.txt`` dependency group ``full-finetuning``
+* ``requirements/deepspeed.txt``       dependency group ``deepspeed`` (``make install-deepspeed``,
+                                       which ``make test`` runs; installed with ``DS_BUILD_OPS=0``)
 * ``requirements/cuda.txt``            the NVIDIA runtime wheels that the upstream Linux torch
                                        wheel depends on (only for GPU machines, never installed
                                        by ``make`` unless ``TORCH_VARIANT=cuda``)
-
-The optional ``deepspeed`` group is locked but not exported (install it by hand on a GPU box).
 """
 
 from __future__ import annotations

@@ -369,8 +369,9 @@ def _check_deepspeed_files(folder: Path) -> None:
     tensors, plain data and DeepSpeed's own small state classes, before DeepSpeed reads it."""
     import deepspeed.runtime.fp16.loss_scaler as ls
     from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
 
-    allowed = [ls.LossScaler, ls.DynamicLossScaler, ZeroStageEnum]
+    allowed = [ls.LossScaler, ls.DynamicLossScaler, ZeroStageEnum, fragment_address]
     for f in sorted(folder.glob("*.pt")):
         try:
             with torch.serialization.safe_globals(allowed):
