@@ -232,8 +232,7 @@ def main(argv=None) -> dict:
             gpt2_note = "measured (found in the local Hugging Face cache)"
         except Exception as exc:  # noqa: BLE001 - any failure to load means "not cached"
             gpt2_note = f"not available offline ({type(exc).__name__})"
-    sys.path.insert(0, str(ROOT / "bench"))
-    from bench_training import machine
+    from gpt2_training.hardware import machine
 
     result = {
         "benchmark": "data",

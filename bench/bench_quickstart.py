@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -21,28 +20,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def machine() -> dict:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import torch
-
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "gpu": gpu,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-    }
-
-
 def main() -> int:
+    sys.path.insert(0, str(ROOT / "src"))
+    from gpt2_training.hardware import machine
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=str(ROOT / "01-Full-Fine-Tuning/configs/cpu-quickstart.yaml"))
     ap.add_argument("--out", default=str(ROOT / "bench/results"))
@@ -94,7 +75,7 @@ def main() -> int:
     (out / f"{name}.json").write_text(json.dumps(record, indent=1) + "\n")
     m = record["machine"]
     md = [
-        f"# `make train` on {m['cpu']} ({m['cores']} cores){', ' + m['gpu'] if m['gpu'] else ''}",
+        f"# `make train` on {m['cpu']} ({m['usable_cpus']} cores){', ' + m['gpu'] if m['gpu'] else ''}",
         "",
         f"Produced by `bench/bench_quickstart.py`: {record['what']}; Python {m['python']}, torch {m['torch']}.",
         "",

@@ -30,8 +30,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
-import resource
 import statistics
 import sys
 import tempfile
@@ -52,47 +50,7 @@ ROWS = ("seed", "recipe", "reference", "engine")
 
 
 # -- measuring ------------------------------------------------------------------------------------------------------
-def _status_kib(key: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-class PeakMemory:
-    """Peak memory of a block of work: CUDA allocator peak, or the rise of the process's peak RSS on a CPU."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.cuda = device.type == "cuda"
-        self.method = "torch.cuda.max_memory_allocated (absolute, reset per row)" if self.cuda else None
-
-    def __enter__(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            try:
-                Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-                self._start = _status_kib("VmRSS")
-                self.method = "peak RSS rise (VmHWM after /proc/self/clear_refs reset)"
-            except OSError:
-                self._start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-                self.method = "getrusage ru_maxrss delta (only rises above the previous rows' peak show)"
-        return self
-
-    def __exit__(self, *exc):
-        if self.cuda:
-            torch.cuda.synchronize()
-            self.bytes = int(torch.cuda.max_memory_allocated())
-        elif self.method.startswith("peak RSS"):
-            self.bytes = max(int((_status_kib("VmHWM") or 0) - self._start), 0) * 1024
-        else:
-            self.bytes = max(int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - self._start), 0) * 1024
+from gpt2_training.hardware import PeakMemory, machine  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -617,31 +575,6 @@ def memory_grid(device: torch.device) -> list[dict]:
 
 
 # -- reporting ------------------------------------------------------------------------------------------------------
-def machine() -> dict:
-    cpu = platform.processor() or "unknown CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    info = {
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM"),
-    }
-    with contextlib.suppress(ImportError):
-        import transformers
-
-        info["transformers"] = transformers.__version__
-    return info
-
-
 def _fmt_bytes(b) -> str:
     return "n/a" if b is None else f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.0f} MiB"
 
