@@ -32,7 +32,9 @@ def gpt2_config(args: ModelArguments, vocab_size: int, bos_eos_id: int) -> GPT2C
         attn_pdrop=args.dropout,
         bos_token_id=bos_eos_id,
         eos_token_id=bos_eos_id,
-        pad_token_id=bos_eos_id,
+        # packed sequences are never padded: a pad id equal to EOS would make transformers warn on every batch
+        # that starts or ends with an EOS that it may be padding
+        pad_token_id=None,
         attn_implementation=args.attn_implementation,
         loss_type="ForCausalLM",
         **shape,

@@ -34,6 +34,7 @@ from accelerate.utils import DistributedDataParallelKwargs, gather_object
 from transformers.utils import logging as hf_logging
 
 from . import checkpoint as ckpt
+from . import progress
 from .backends import make_backend
 from .config import Config, model_shape, validate
 from .data import resolve_tokenizer, restore_stream, train_stream, validation_sequences
@@ -353,7 +354,11 @@ class Engine:
         # every process runs as many forwards as the one with the most sequences (an empty share repeats a
         # sequence and does not count it), since each forward is then a collective.
         longest = -(-len(self.val_seqs) // self.world)
+        # shown only when an evaluation lasts more than two seconds
+        bar = progress_bar(self.cfg.train, 0, self.is_main, total=-(-longest // bs), desc="eval", delay=2.0)
         for i in range(0, longest, bs):
+            if bar is not None:
+                bar.update(1)
             if self.world == 1 and self.signals.signum is not None:
                 self.lm.train()
                 return None
@@ -368,6 +373,8 @@ class Engine:
                 dtype=torch.float64,
                 device=self.acc.device,
             )
+        if bar is not None:
+            bar.close()
         if self.world > 1:
             sums = self.acc.reduce(sums, reduction="sum")
         self.lm.train()
@@ -643,20 +650,19 @@ def _interval(strategy: Any, steps: float | None, max_steps: int) -> int:
     return max(math.ceil(steps * max_steps), 1) if steps < 1 else int(steps)
 
 
-def progress_bar(args: Any, initial: int, enabled: bool) -> Any:
-    """A tqdm bar (step / max_steps, ETA, loss, tokens/s) on a terminal or in a notebook (widget); None when
-    output goes to a file or a pipe, where a bar would fill the log with carriage returns."""
-    import sys
-
-    ipython = sys.modules.get("IPython")
-    shell = ipython.get_ipython() if ipython is not None else None
-    # a Jupyter kernel (not merely ipykernel imported, as pytest's nbval plugin does)
-    in_notebook = type(shell).__name__ == "ZMQInteractiveShell"
-    if not enabled or args.disable_tqdm or not (in_notebook or sys.stderr.isatty()):
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=args.max_steps, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+def progress_bar(
+    args: Any, initial: int, enabled: bool, *, total: int | None = None, desc: str = "train", delay: float = 0.0
+) -> Any:
+    """The training bar (step / max_steps, ETA, loss, tokens/s), or an evaluation's; see progress.py."""
+    return progress.bar(
+        args.max_steps if total is None else total,
+        desc,
+        enabled=enabled and not args.disable_tqdm,
+        initial=initial,
+        unit="step" if desc == "train" else "batch",
+        delay=delay,
+        leave=desc == "train",
+    )
 
 
 def _model_card(cfg: Config, metrics: dict, n_params: int) -> str:

@@ -39,7 +39,13 @@ def train_bpe_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte is a token: nothing is ever unknown
         show_progress=False,
     )
-    tok.train_from_iterator(texts, trainer=trainer)
+    from ..progress import bar
+
+    # the bar counts documents read; the merges that follow take a fraction of that time
+    shown = bar(len(texts) if hasattr(texts, "__len__") else None, "tokenizer", unit="doc", leave=False)
+    tok.train_from_iterator(texts if shown is None else _counted(texts, shown), trainer=trainer)
+    if shown is not None:
+        shown.close()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, unk_token=EOS)
     fast.model_max_length = 1 << 30  # packing handles length; silence the "sequence too long" warning
     out = Path(out_dir)
@@ -51,6 +57,12 @@ def train_bpe_tokenizer(
         shutil.rmtree(tmp, ignore_errors=True)
     # loaded back, so a new and a cached tokenizer are the same object (name, settings)
     return load_tokenizer(str(out))
+
+
+def _counted(texts: Iterable[str], shown) -> Iterable[str]:
+    for text in texts:
+        shown.update(1)
+        yield text
 
 
 def cached_bpe_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
