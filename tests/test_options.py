@@ -13,7 +13,15 @@ from transformers import TrainingArguments
 from gpt2_training.cli import parse_config, parser
 from gpt2_training.config import DataArguments, ModelArguments, RunArguments, training_config
 from gpt2_training.errors import ConfigError
-from gpt2_training.options import HONOURED, NOT_APPLICABLE, REFUSED, TRAINING_ARGUMENTS, changed_fields
+from gpt2_training.options import (
+    HONOURED,
+    NOT_APPLICABLE,
+    REFUSED,
+    TRAINING_ARGUMENTS,
+    changed_fields,
+    project_settings,
+    table_markdown,
+)
 
 REFUSED_FIELDS = sorted(n for n, o in TRAINING_ARGUMENTS.items() if o.status == REFUSED)
 
@@ -96,3 +104,13 @@ def test_max_steps_overrides_epochs_with_a_note(tmp_path, env):
     proc = run_train(tiny_args(tmp_path / "r", "--num_train_epochs", "7", max_steps=2, save_steps=0), env)
     assert proc.returncode == 0, proc.stdout
     assert "max_steps=2 overrides num_train_epochs=7" in proc.stdout
+
+
+def test_project_settings_have_help_and_do_not_shadow_training_arguments():
+    own = project_settings()
+    assert own and all(o.note for o in own.values())
+    assert not set(own) & set(TRAINING_ARGUMENTS)
+
+
+def test_setup_md_holds_the_table():
+    assert table_markdown() in (ROOT / "SETUP.md").read_text()

@@ -346,11 +346,26 @@ def hidden_in_help() -> set[str]:
     return {name for name, opt in TRAINING_ARGUMENTS.items() if opt.status != HONOURED}
 
 
+def project_settings() -> dict[str, Option]:
+    """The project's own settings (model, data, run): all honoured; each is tested with its module."""
+    from .config import DataArguments, ModelArguments, RunArguments
+
+    return {
+        f.name: Option(HONOURED, f.metadata.get("help", ""))
+        for cls in (ModelArguments, DataArguments, RunArguments)
+        for f in dataclasses.fields(cls)
+    }
+
+
 def table_markdown() -> str:
-    """The table as Markdown (for SETUP.md and the README)."""
+    """The table as Markdown (SETUP.md holds this exact text; a test keeps the two equal)."""
     rows = ["| field | status | what it does here / why not |", "|---|---|---|"]
     rows += [f"| `{n}` | {o.status} | {o.note} |" for n, o in TRAINING_ARGUMENTS.items()]
     return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(table_markdown())
 
 
 def apply_training_arguments(cfg: Any) -> None:
