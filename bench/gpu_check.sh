@@ -37,24 +37,21 @@ status "pytest exit $?"; tail -3 "$OUT/pytest-gpu.log"
 SMOKE=(01-Full-Fine-Tuning/train.py --config 01-Full-Fine-Tuning/configs/tiny.yaml --max_steps 2 --save_steps 2
        --eval_steps 0 --plot false --save_final_model false --sample_max_new_tokens 4 --eval_max_sequences 8
        --resume never --overwrite_output_dir --report_to none)
+# Pending GPU checks of the scale-out backends (tests/test_distributed.py runs them on CPU with gloo; here they
+# meet CUDA, NCCL and bf16): one GPU means one process, so NCCL's collectives across GPUs stay pending.
 if $PY -c "import deepspeed" 2>/dev/null; then
-  status "3/4 DeepSpeed ZeRO-2 smoke (1 process, 2 steps)"
-  cat > "$OUT/ds_zero2.json" <<'JSON'
-{"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 2},
- "bf16": {"enabled": true}, "gradient_clipping": 1.0}
-JSON
+  status "3/4 DeepSpeed ZeRO-3 bf16 smoke (1 process, 2 steps, the shipped JSON)"
   timeout 45 $PY -m torch.distributed.run --standalone --nproc_per_node 1 "${SMOKE[@]}" \
-    --deepspeed "$OUT/ds_zero2.json" --precision bf16 --output_dir "$OUT/smoke-deepspeed" > "$OUT/smoke-deepspeed.log" 2>&1
+    --deepspeed 01-Full-Fine-Tuning/configs/ds_zero3.json --precision bf16 --output_dir "$OUT/smoke-deepspeed" \
+    > "$OUT/smoke-deepspeed.log" 2>&1
   status "deepspeed smoke exit $?"; tail -3 "$OUT/smoke-deepspeed.log"
 else
-  status "3/4 DeepSpeed not installed: ZeRO smoke skipped"
+  status "3/4 DeepSpeed not installed (make install-deepspeed): ZeRO smoke skipped"
 fi
 
-status "4/4 FSDP smoke through accelerate launch (1 process, 2 steps)"
-timeout 45 $PY -m accelerate.commands.launch --num_processes 1 --use_fsdp --mixed_precision bf16 \
-  --fsdp_sharding_strategy FULL_SHARD --fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP \
-  --fsdp_transformer_layer_cls_to_wrap GPT2Block "${SMOKE[@]}" --precision bf16 \
-  --output_dir "$OUT/smoke-fsdp" > "$OUT/smoke-fsdp.log" 2>&1
+status "4/4 FSDP2 bf16 smoke through accelerate launch and the shipped config (1 process, 2 steps)"
+timeout 45 $PY -m accelerate.commands.launch --config_file 01-Full-Fine-Tuning/configs/accelerate_fsdp.yaml \
+  --num_processes 1 "${SMOKE[@]}" --precision bf16 --output_dir "$OUT/smoke-fsdp" > "$OUT/smoke-fsdp.log" 2>&1
 status "fsdp smoke exit $?"; tail -3 "$OUT/smoke-fsdp.log"
 
 rm -rf "$OUT/smoke-deepspeed" "$OUT/smoke-fsdp"

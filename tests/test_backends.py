@@ -53,6 +53,7 @@ def test_an_accelerate_fsdp_config_file_chooses_fsdp2_and_is_consumed(monkeypatc
         (dict(fsdp="full_shard offload"), "fsdp_config cpu_offload"),
         (dict(fsdp="full_shard", fsdp_config={"min_num_params": 1000}), "size-based wrapping"),
         (dict(fsdp="full_shard", deepspeed=str(CONFIGS / "ds_zero2.json")), "choose one"),
+        (dict(fsdp_config={"transformer_layer_cls_to_wrap": ["GPT2Block"]}), "without --fsdp"),
         (
             dict(deepspeed={**ZERO, "bf16": {"enabled": True}, "fp16": {"enabled": True}}),
             "both fp16 and bf16",

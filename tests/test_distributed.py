@@ -502,7 +502,7 @@ def test_nonfinite_step_is_really_skipped_under_deepspeed(shards, tmp_path):
 @pytest.mark.slow
 def test_deepspeed_refuses_another_process_count_with_the_fix(shards, zero, tmp_path):
     out = tmp_path / "zero3-on-1"
-    shutil.copytree(zero[3] / "checkpoint-3", out / "checkpoint-3")
+    shutil.copytree(zero[3] / "checkpoint-6", out / "checkpoint-6")
     args = _common(shards, out, deepspeed=CONFIGS / "ds_zero3.json", gradient_accumulation_steps=2)
     proc = subprocess.run(
         _torchrun(1, str(TRAIN_SCRIPT), *args),
@@ -515,7 +515,16 @@ def test_deepspeed_refuses_another_process_count_with_the_fix(shards, zero, tmp_
     assert proc.returncode != 0
     err = proc.stdout + proc.stderr
     assert "cannot resume" in err and "written by 2" in err and "Resume with 2 processes" in err, err[-3000:]
-    assert "--init_from" in err
+    # the other suggestion, followed: a new run from the checkpoint's weights evaluates them as the old run did
+    assert "--resume never --init_from" in err and "--output_dir <a new folder>" in err
+    new = tmp_path / "from-weights"
+    follow = [*args, "--resume", "never", "--init_from", str(out / "checkpoint-6"), "--output_dir", str(new)]
+    _run(_torchrun(1, str(TRAIN_SCRIPT), *follow, "--max_steps", "1"), timeout=240)
+    first = next(json.loads(line) for line in (new / "train_log.jsonl").read_text().splitlines())
+    old = [json.loads(line) for line in (zero[3] / "train_log.jsonl").read_text().splitlines()]
+    final_eval = [r for r in old if r["event"] == "eval"][-1]
+    assert first["event"] == "eval" and first["step"] == 0 and final_eval["step"] == STEPS
+    assert first["eval_loss"] == pytest.approx(final_eval["eval_loss"], rel=1e-6)
 
 
 # -- FSDP2 on CPU (gloo) and resume on another number of processes ------------------------------------------------
@@ -532,34 +541,43 @@ def _backend_args(backend: str) -> list[str]:
     return ["--fsdp", "full_shard auto_wrap"] if backend == "fsdp" else []
 
 
-@pytest.fixture(scope="module", params=["ddp", "fsdp"])
-def resize_chain(request, shards) -> tuple[str, dict[str, Path]]:
+def _resize_chain(shards: Path, backend: str) -> dict[str, Path]:
     """A 9-step reference on 2 processes (checkpoints at 3 and 6); then its step-3 checkpoint continued on 1
     process to step 6, that one's step-6 checkpoint on 2 processes to step 9, and the reference's step-6
     checkpoint on 3 processes to step 9."""
-    backend = request.param
     root = shards.parent / f"resize-{backend}"
     runs = {name: root / name for name in ("ref", "2to1", "1to2", "2to3")}
 
     def train(name: str, n: int, steps: int, source: Path | None = None) -> None:
         if source is not None:
             shutil.copytree(source, runs[name] / source.name)
-        args = _common(shards, runs[name], max_steps=steps, **_split(n))
+        args = _common(shards, runs[name], max_steps=steps, save_total_limit=3, **_split(n))
         _run(_torchrun(n, str(TRAIN_SCRIPT), *args, *_backend_args(backend)), timeout=240)
 
     train("ref", 2, 9)
     train("2to1", 1, 6, runs["ref"] / "checkpoint-3")
     train("1to2", 2, 9, runs["2to1"] / "checkpoint-6")
     train("2to3", 3, 9, runs["ref"] / "checkpoint-6")
-    return backend, runs
+    return runs
+
+
+@pytest.fixture(scope="module")
+def resize_ddp(shards) -> dict[str, Path]:
+    return _resize_chain(shards, "ddp")
+
+
+@pytest.fixture(scope="module")
+def resize_fsdp(shards) -> dict[str, Path]:
+    return _resize_chain(shards, "fsdp")
 
 
 @pytest.mark.slow
-def test_resume_on_another_number_of_processes_continues_the_same_run(resize_chain):
+@pytest.mark.parametrize("backend", ["ddp", "fsdp"])
+def test_resume_on_another_number_of_processes_continues_the_same_run(backend, request):
     """2 -> 1, 1 -> 2 and 2 -> 3 processes, under DDP and FSDP: the continued steps have the reference's losses
     (weights, optimizer state, schedule and step all carried over: a reset Adam state or a wrong learning rate
     would move the loss by far more than the tolerance) and the same final weights."""
-    backend, runs = resize_chain
+    runs = request.getfixturevalue(f"resize_{backend}")
     ref = train_losses(runs["ref"])
     assert sorted(ref) == list(range(1, 10))
     for name, steps in (("2to1", range(4, 7)), ("1to2", range(7, 10)), ("2to3", range(7, 10))):
@@ -574,12 +592,8 @@ def test_resume_on_another_number_of_processes_continues_the_same_run(resize_cha
 
 
 @pytest.mark.slow
-def test_fsdp_matches_ddp_and_saves_a_loadable_model(resize_chain, request):
-    backend, runs = resize_chain
-    if backend != "fsdp":
-        pytest.skip("compares the FSDP chain with the DDP chain; runs on the fsdp parameter")
-    ddp_ref = runs["ref"].parent.parent / "resize-ddp" / "ref"
-    assert ddp_ref.exists(), "the ddp parameter of resize_chain runs first"
+def test_fsdp_matches_ddp_and_saves_a_loadable_model(resize_ddp, resize_fsdp):
+    runs, ddp_ref = resize_fsdp, resize_ddp["ref"]
     np.testing.assert_allclose(_train_losses(runs["ref"]), _train_losses(ddp_ref), rtol=LOSS_RTOL)
     _assert_same_weights(ddp_ref, runs["ref"])
     ck = runs["ref"] / "checkpoint-9"
@@ -592,17 +606,26 @@ def test_fsdp_matches_ddp_and_saves_a_loadable_model(resize_chain, request):
 
 
 @pytest.mark.slow
-def test_fsdp_sigkill_then_resume_is_exact(shards, resize_chain):
-    backend, runs = resize_chain
-    if backend != "fsdp":
-        pytest.skip("FSDP only; DDP's kill/resume is tests/test_reliability.py's")
+def test_fsdp_sigkill_then_resume_is_exact(shards, resize_fsdp):
+    """Killed under torchrun --fsdp, resumed under `accelerate launch` and accelerate_fsdp.yaml: the same run."""
+    runs = resize_fsdp
     out = shards.parent / "fsdp-killed"
-    cmd = _torchrun(
-        2, str(TRAIN_SCRIPT), *_common(shards, out, max_steps=9, **_split(2)), *_backend_args("fsdp")
-    )
-    _kill_after(cmd, out, 4)
+    args = _common(shards, out, max_steps=9, save_total_limit=3, **_split(2))
+    _kill_after(_torchrun(2, str(TRAIN_SCRIPT), *args, *_backend_args("fsdp")), out, 4)
     assert ckpt.latest_checkpoint(out) == out / "checkpoint-3"
-    proc = _run(cmd, timeout=240)
+    # resumed through the other way to ask for FSDP: `accelerate launch` with the shipped FSDP config file
+    accelerate = ["-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "accelerate_fsdp.yaml")]
+    port = str(_free_port())
+    cmd = [
+        sys.executable,
+        *accelerate,
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        port,
+        str(TRAIN_SCRIPT),
+    ]
+    proc = _run(cmd + args, timeout=240)
     assert "resuming from" in proc.stdout
     assert train_losses(out) == train_losses(runs["ref"])
     assert_equal_weights(out / "final" / "model.safetensors", runs["ref"] / "final" / "model.safetensors")

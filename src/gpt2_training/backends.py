@@ -53,6 +53,26 @@ FSDP_REFUSED = {
 FSDP_WRAP_CLASSES = ("GPT2Block",)
 
 
+def _ensure_process_group(device: torch.device) -> None:
+    """FSDP and DeepSpeed need a process group even for one process (`python train.py --fsdp ...`, a notebook),
+    which Accelerate creates only under a launcher: a one-process group on a free local port then."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    import socket
+
+    # DeepSpeed reads these even when the group exists
+    for var, value in (("LOCAL_RANK", "0"), ("RANK", "0"), ("WORLD_SIZE", "1")):
+        os.environ.setdefault(var, value)
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+
+
 def _strip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Keys of the wrapped `CausalLMWithLoss` -> keys of the Hugging Face model inside it."""
     return {k.removeprefix("lm."): v for k, v in state.items() if k.startswith("lm.")}
@@ -171,6 +191,7 @@ class FSDP2Backend(Backend):
         from torch.distributed.fsdp import fully_shard
 
         self.module = model
+        _ensure_process_group(self.acc.device)
         mesh = init_device_mesh(self.acc.device.type, (self.world,))
         for block in model.lm.transformer.h:
             fully_shard(block, mesh=mesh, reshard_after_forward=self.reshard_after_forward)
@@ -232,7 +253,8 @@ class FSDP2Backend(Backend):
         if not (folder / FSDP_DIR).is_dir():
             raise CheckpointError(
                 f"checkpoint {folder} was not written under FSDP (no {FSDP_DIR}/ folder): resume it with the "
-                f"backend that wrote it, or start anew with --resume never --init_from {folder} (weights only)"
+                f"backend that wrote it, or start anew from its weights with --resume never --init_from {folder} "
+                "--output_dir <a new folder>"
             )
         state = self._state()
         dcp.load(state, checkpoint_id=str(folder / FSDP_DIR))
@@ -294,6 +316,7 @@ class DeepSpeedBackend(Backend):
     def wrap(self, model, make_optimizer):
         ds = import_deepspeed()
         self.module = model
+        _ensure_process_group(self.acc.device)
         if self.stage == 3:
             # the chunked loss reads lm_head.weight (tied to wte) in the wrapper's own forward: ZeRO-3 must
             # gather it for that forward, not only for the embedding's
@@ -351,7 +374,8 @@ class DeepSpeedBackend(Backend):
         if not (folder / DEEPSPEED_DIR / DEEPSPEED_TAG).is_dir():
             raise CheckpointError(
                 f"checkpoint {folder} was not written under DeepSpeed: resume it with the backend that wrote it, "
-                f"or start anew with --resume never --init_from {folder} (weights only)"
+                f"or start anew from its weights with --resume never --init_from {folder} "
+                "--output_dir <a new folder>"
             )
         _check_deepspeed_files(folder / DEEPSPEED_DIR / DEEPSPEED_TAG)
         path, _ = self.model.load_checkpoint(
@@ -424,7 +448,8 @@ def _fsdp_settings(train_args) -> dict | None:
         return None
 
     def on(value) -> bool:
-        return str(value).lower() in ("true", "1", "yes")
+        # FSDP1-style strategy names arrive here from older Accelerate configs
+        return str(value).lower() in ("true", "1", "yes", "full_shard")
 
     problems = [
         f"fsdp_config {key}: {why}"
@@ -460,6 +485,8 @@ def backend_problems(train_args, precision: str | None = None) -> list[str]:
         ds = None
     if fsdp is not None:
         problems += fsdp["problems"]
+    elif getattr(train_args, "fsdp_config", None):
+        problems.append('--fsdp_config without --fsdp does nothing: add --fsdp "full_shard auto_wrap"')
     if fsdp is not None and ds is not None:
         problems.append("both --deepspeed and --fsdp are set: choose one")
     if ds is not None:

@@ -1,11 +1,14 @@
-"""Multi-process launching from a notebook, and the DeepSpeed config the training loop hands to Accelerate.
+"""Multi-process launching from a notebook, and the DeepSpeed config of a run (its "auto" values filled in).
 
-From a shell, use the usual launchers (all run the same `train.py`):
+From a shell, use the usual launchers (all run the same `train.py`; each is tested on CPU with gloo in
+tests/test_distributed.py):
 
     torchrun --nproc_per_node=8 01-Full-Fine-Tuning/train.py --config ...                  # DDP
+    torchrun --nproc_per_node=8 01-Full-Fine-Tuning/train.py --fsdp "full_shard auto_wrap" ...   # FSDP2
     accelerate launch --config_file 01-Full-Fine-Tuning/configs/accelerate_ddp.yaml 01-Full-Fine-Tuning/train.py ...
-    accelerate launch --config_file 01-Full-Fine-Tuning/configs/accelerate_fsdp.yaml ...    # FSDP2, GPU only
+    accelerate launch --config_file 01-Full-Fine-Tuning/configs/accelerate_fsdp.yaml ...    # FSDP2
     deepspeed --num_gpus=8 01-Full-Fine-Tuning/train.py --deepspeed 01-Full-Fine-Tuning/configs/ds_zero2.json ...
+    sbatch 01-Full-Fine-Tuning/train.sbatch                                                  # several nodes
 
 From a notebook, `launch_multiprocess(["--config", "...", "--max_steps", "100"], nproc=2)` runs
 `python -m torch.distributed.run --nproc_per_node N 01-Full-Fine-Tuning/train.py ...` as a subprocess and
@@ -16,18 +19,11 @@ worker takes the kernel with it. A fresh `torchrun` process group behaves exactl
 the kernel's CUDA state alone, and can be interrupted (the cell's interrupt sends SIGINT, the trainer saves a
 checkpoint and exits).
 
-DeepSpeed (optional `deepspeed` dependency group, GPU only): the shipped `ds_zero{1,2,3}.json` have no `optimizer`
-or `scheduler` section, so the project's AdamW and learning-rate schedule are used exactly as on one GPU (a section
-there would need Accelerate's DummyOptim/DummyScheduler and would silently diverge from `TrainingArguments`).
-`deepspeed_config()` fills their "auto" values from the training settings, because Accelerate cannot: it takes
-the micro-batch size from a DataLoader (this loop has none) and fills `gradient_clipping` "auto" with 1.0, not
-with `max_grad_norm`. bf16/fp16 "enabled": "auto" is filled by Accelerate from the resolved precision.
-
-Known limits of the DeepSpeed path (not testable without a GPU and DeepSpeed; see tests/test_distributed.py):
-the engine clips and steps inside `accelerator.backward` at the accumulation boundary, so the trainer's NaN/inf
-guard only reports a bad step, it cannot skip it (DeepSpeed's fp16 loss scaler still skips overflowing steps);
-checkpoints store rank 0's optimizer state, which under ZeRO is only its partition, so resuming a ZeRO run is not
-exact; under ZeRO-3 the parameters are partitioned, so evaluation/sampling on the unwrapped model need gathering.
+DeepSpeed (`make install-deepspeed`, CPU or GPU): the shipped `ds_zero{1,2,3}.json` have no `optimizer` or
+`scheduler` section, so the project's AdamW and learning-rate schedule are used exactly as on one GPU (a section
+there would bring DeepSpeed's own and silently diverge from `TrainingArguments`). `deepspeed_config()` fills their
+"auto" values from the training settings (micro-batch, accumulation, and `gradient_clipping` = `max_grad_norm`);
+the global batch and bf16/fp16 are filled by the DeepSpeed backend (backends.py), which drives the engine.
 """
 
 from __future__ import annotations
@@ -139,9 +135,8 @@ def launch_multiprocess(
 def _deepspeed_source(train_args) -> Any:
     if getattr(train_args, "deepspeed", None):
         return train_args.deepspeed
-    if (
-        os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    ):  # `accelerate launch` DeepSpeed config
+    # the DeepSpeed JSON named by an `accelerate launch` config file
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
         path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
         return None if path == "none" else path
     return None

@@ -322,7 +322,8 @@ class Engine:
             raise CheckpointError(
                 f"cannot resume {path} on {self.world} processes under {self.backend.name}: it was written by "
                 f"{saved_world} and ZeRO's optimizer partitions are tied to that number. Resume with "
-                f"{saved_world} processes, or start anew with --resume never --init_from {path} (weights only)"
+                f"{saved_world} processes, or start anew from its weights with --resume never --init_from {path} "
+                "--output_dir <a new folder>"
             )
         self.backend.load(path)
         self.scheduler.load_state_dict(schedule["scheduler"])
