@@ -28,7 +28,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def _select_documents(max_chars: int) -> list[str]:
@@ -273,4 +272,7 @@ def markdown(result: dict) -> str:
 
 
 if __name__ == "__main__":
+    # Only as a script, before huggingface_hub is imported (it reads the variable once, at import): importing
+    # this module (tests, run_all.py) leaves the environment alone.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     main()

@@ -479,3 +479,14 @@ def test_offline_detection_follows_huggingface_hub(monkeypatch) -> None:
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(DataError, match="HF_HUB_OFFLINE is set"):
         open_source("hf:some/unknown-dataset")
+
+
+def test_a_script_dataset_names_working_alternatives(tmp_path: Path) -> None:
+    """datasets >= 4 refuses loading scripts (as on OpenWebText's main branch): the error says what works."""
+    repo = tmp_path / "scripted"
+    repo.mkdir()
+    (repo / "scripted.py").write_text("import datasets\n")
+    with pytest.raises(
+        DataError, match=r"loading script, which datasets 4 refuses; use --dataset openwebtext"
+    ):
+        open_source(f"hf:{repo}")

@@ -5,22 +5,23 @@
 * ``builtin``: the built-in corpus (`gpt2_training.data.corpus.builtin_documents`);
 * local files, folders (searched recursively) and globs of ``.txt``, ``.jsonl``, ``.json`` and ``.parquet``;
 * ``hf:<repo_id>[:<config>]``: a Hugging Face Hub dataset, streamed; ``openwebtext`` is an alias for
-  ``hf:Skylion007/openwebtext``, whose owner replaced the loading script (which `datasets` >= 4 refuses) by
-  parquet shards under ``data/``;
+  ``hf:Skylion007/openwebtext`` pinned to its parquet revision (`OPENWEBTEXT_REVISION`), since the loading
+  script on its main branch is refused by `datasets` >= 4;
 * ``hf-json:``, ``hf-parquet:``, ``hf-text:`` followed by a local path or glob: local files read through the
   `datasets` streaming code, so that path can be exercised without network;
 * DeepLake: ``deeplake:<url>``, ``al://org/name``, ``hub://org/name``, ``file://<folder>`` or a plain folder
   that holds a DeepLake dataset. Version 4 datasets are opened with `deeplake.open_read_only`; version 3
   datasets (such as ``hub://activeloop/openwebtext``) are read through a TQL query, which deeplake 4 allows
-  read-only. Credentials come from the environment (``ACTIVELOOP_TOKEN``), never from arguments.
+  read-only and which reads the main branch only (convert the dataset to read another branch). Credentials
+  come from the environment (``ACTIVELOOP_TOKEN``), never from arguments.
 
 Every source yields `Piece`s: a document's text, cut into pieces of at most ``max_piece_chars`` characters
 (``last`` marks the piece that ends a document), each with a JSON-serialisable position. A position is
 ``[shard_rank, offset, chars_done]``: the rank of the file/shard in this epoch's order, an offset inside it
-(byte offset for .txt and .jsonl files, list index for .json lists, row for parquet, example for Hugging Face
-shards, row within a 1024-row chunk for DeepLake, 0 for a built-in document) and how many characters of the
-document at that offset were already yielded. Resuming seeks straight to the shard and offset, so it costs
-nothing for the shards before it. With ``shuffle=True`` the shard order (files, Hugging Face shards, DeepLake
+(byte offset for .txt and .jsonl files, list index for .json lists, row inside the row group for parquet,
+whose row groups are shards of their own, example for Hugging Face shards, row within a 1024-row chunk for
+DeepLake, 0 for a built-in document) and how many characters of the document at that offset were already
+yielded. Resuming seeks straight to the shard and offset, so it costs nothing for the shards before it. With ``shuffle=True`` the shard order (files, Hugging Face shards, DeepLake
 row chunks, built-in documents) is permuted by a RNG seeded from (seed, epoch); documents inside a shard keep
 their order.
 

@@ -1,0 +1,214 @@
+#!/usr/bin/env python
+"""Data at GPU-host speed, each comparison side by side in one run on this machine:
+
+tokenize_per_worker  tokens/s of one tokenizer worker (`data.workers.Encoder`, one thread: the cost per core)
+                     with a 50 K-token byte-level BPE trained here on the built-in corpus (GPT-2's own
+                     tokenizer cannot be downloaded on this machine), and the projection for a 16-core host
+                     feeding eight GPUs (about 4 M tokens/s for GPT-2 124M on H100s; stated as arithmetic);
+stream_workers       `TokenStream` throughput with 0 workers, 1 and 2 worker processes and 2 threads;
+prepare              `prepare_shards` tokens/s with num_proc 1 and 2 over the same 8 jsonl files;
+engine_step          the training engine's tokens/s on the streamed source with 1 worker against the same
+                     model on prepared shards (median of the logged windows after the first).
+
+  python bench/bench_workers.py [--max_chars 3000000] [--out bench/results/data-workers-cpu.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+H100_TOKENS_PER_S_124M = 0.5e6  # issue 13's figure for one H100 on GPT-2 124M; eight GPUs: 4 M tokens/s
+
+
+def _documents(max_chars: int) -> list[str]:
+    from gpt2_training.data.corpus import builtin_documents
+
+    docs, chars = [], 0
+    for d in builtin_documents():
+        docs.append(d)
+        chars += len(d)
+        if chars >= max_chars:
+            break
+    return docs
+
+
+def _write_jsonl(folder: Path, docs: list[str], files: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in range(files):
+        rows = docs[f::files]
+        (folder / f"part{f}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in rows))
+    return folder
+
+
+def bench_tokenize(tok, docs: list[str]) -> dict:
+    import numpy as np
+
+    from gpt2_training.data.workers import Encoder
+
+    encoder = Encoder(tok, np.uint32)
+    batches, cur, n = [], [], 0
+    for d in docs:
+        cur.append(d)
+        n += len(d)
+        if n >= 1 << 18:
+            batches.append(cur)
+            cur, n = [], 0
+    encoder(batches[0][:2])
+    best = None
+    for _ in range(2):
+        t0 = time.perf_counter()
+        tokens = sum(len(ids) for b in batches for ids in encoder(b))
+        s = time.perf_counter() - t0
+        best = s if best is None else min(best, s)
+    per_worker = tokens / best
+    workers_16 = 16 - 8  # one core per GPU's training process, the rest tokenize
+    return {
+        "vocab_size": len(tok),
+        "tokens": tokens,
+        "seconds": best,
+        "tokens_per_s_per_worker": per_worker,
+        "projection": {
+            "host_cores": 16,
+            "training_processes": 8,
+            "tokenizer_workers": workers_16,
+            "tokens_per_s": per_worker * workers_16,
+            "gpus_consume_tokens_per_s": 8 * H100_TOKENS_PER_S_124M,
+            "ratio": per_worker * workers_16 / (8 * H100_TOKENS_PER_S_124M),
+            "arithmetic": f"{per_worker:,.0f} tokens/s per worker x {workers_16} workers = "
+            f"{per_worker * workers_16:,.0f} tokens/s against 8 x {H100_TOKENS_PER_S_124M:,.0f} = "
+            f"{8 * H100_TOKENS_PER_S_124M:,.0f} tokens/s",
+            "kind": "projection from this CPU's per-core rate, not a measurement on a GPU host",
+        },
+    }
+
+
+def bench_stream(tok, folder: Path) -> list[dict]:
+    from gpt2_training.data.pipeline import TokenStream
+    from gpt2_training.data.sources import open_source
+
+    rows = []
+    for workers, backend in ((0, "process"), (1, "process"), (2, "process"), (2, "thread")):
+        best = None
+        for _ in range(2):
+            stream = TokenStream(
+                open_source(str(folder), shuffle=False),
+                tok,
+                256,
+                validation_per_mille=50,
+                shuffle_buffer=512,
+                loop=False,
+                num_workers=workers,
+                worker_backend=backend,
+            )
+            t0 = time.perf_counter()
+            packed = sum(len(s) for s in stream)
+            s = time.perf_counter() - t0
+            best = (packed, s) if best is None or s < best[1] else best
+        rows.append(
+            {
+                "workers": workers,
+                "backend": backend if workers else "in-process",
+                "tokens": best[0],
+                "seconds": best[1],
+                "tokens_per_s": best[0] / best[1],
+            }
+        )
+    return rows
+
+
+def bench_prepare(tok, folder: Path, tmp: Path) -> list[dict]:
+    from gpt2_training.data.shards import prepare_shards
+    from gpt2_training.data.sources import open_source
+
+    options = {"spec": str(folder), "shuffle": False}
+    rows, outputs = [], {}
+    for n in (1, 2):
+        out = tmp / f"prep{n}"
+        t0 = time.perf_counter()
+        meta = prepare_shards(
+            open_source(**options), tok, out, progress=False, num_proc=n, source_options=options
+        )
+        s = time.perf_counter() - t0
+        tokens = meta["tokens"]["train"] + meta["tokens"]["validation"]
+        outputs[n] = {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
+        rows.append({"num_proc": n, "tokens": tokens, "seconds": s, "tokens_per_s": tokens / s})
+    rows[1]["speedup"] = rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"]
+    rows[1]["identical_to_num_proc_1"] = outputs[1] == outputs[2]
+    return rows
+
+
+def bench_engine(tmp: Path, steps: int) -> list[dict]:
+    from gpt2_training.cli import main, prepare_main
+
+    common = [
+        "--preset", "mini", "--block_size", "256", "--per_device_train_batch_size", "8",
+        "--max_steps", str(steps), "--logging_steps", "10", "--eval_steps", "0", "--save_steps", "0",
+        "--eval_max_sequences", "8", "--plot", "false", "--save_final_model", "false", "--precision", "fp32",
+        "--report_to", "none", "--sample_max_new_tokens", "1", "--tokenizer_vocab_size", "8192",
+    ]  # fmt: skip
+    shards = tmp / "engine-shards"
+    prepare_main(["--dataset", "builtin", "--tokenizer_vocab_size", "8192", "--out", str(shards)])
+    runs = {
+        "streamed, 1 worker": ["--dataset", "builtin", "--dataloader_num_workers", "1"],
+        "streamed, in-process": ["--dataset", "builtin", "--dataloader_num_workers", "0"],
+        "prepared shards": ["--shards_dir", str(shards), "--tokenizer", str(shards / "tokenizer")],
+    }
+    rows = []
+    for name, extra in runs.items():
+        out = tmp / name.replace(" ", "_").replace(",", "")
+        main([*common, *extra, "--output_dir", str(out)])
+        records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+        tps = [r["tokens_per_s"] for r in records if r.get("event") == "train"][1:]
+        rows.append({"input": name, "tokens_per_s_median": statistics.median(tps), "windows": len(tps)})
+    base = next(r for r in rows if r["input"] == "prepared shards")["tokens_per_s_median"]
+    for r in rows:
+        r["step_time_vs_shards"] = base / r["tokens_per_s_median"]
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--max_chars", type=int, default=3_000_000)
+    p.add_argument("--engine_steps", type=int, default=60)
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "data-workers-cpu.json"))
+    a = p.parse_args(argv)
+    from gpt2_training.data.tokenizer import train_bpe_tokenizer
+    from gpt2_training.hardware import machine
+
+    docs = _documents(a.max_chars)
+    with tempfile.TemporaryDirectory() as t:
+        tmp = Path(t)
+        t0 = time.perf_counter()
+        bpe50k = train_bpe_tokenizer(docs, 50_257, tmp / "bpe50k")
+        train_s = time.perf_counter() - t0
+        folder = _write_jsonl(tmp / "jsonl", docs, 8)
+        result = {
+            "benchmark": "data-workers",
+            "machine": machine(),
+            "tokens_per_s_convention": "packed or written tokens per wall-clock second, best of 2 runs",
+            "text_chars": sum(len(d) for d in docs),
+            "tokenizer": f"byte-level BPE, {len(bpe50k)} tokens, trained here in {train_s:.1f} s",
+            "tokenizers_parallelism": os.environ.get("TOKENIZERS_PARALLELISM", "(unset)"),
+            "tokenize_per_worker": bench_tokenize(bpe50k, docs),
+            "stream_workers": bench_stream(bpe50k, folder),
+            "prepare": bench_prepare(bpe50k, folder, tmp),
+            "engine_step": bench_engine(tmp, a.engine_steps),
+        }
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    if str(ROOT / "src") not in sys.path:
+        sys.path.insert(0, str(ROOT / "src"))
+    main()
