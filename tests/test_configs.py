@@ -109,7 +109,8 @@ def test_accelerate_config_loads(path):
         "accelerate_deepspeed.yaml": DistributedType.DEEPSPEED,
     }
     assert cfg.distributed_type == expected[path.name]
-    assert cfg.mixed_precision == "no"  # the training config's --precision decides
+    # the training config's --precision decides; next to a DeepSpeed JSON Accelerate refuses any mixed_precision
+    assert cfg.mixed_precision == (None if cfg.distributed_type == DistributedType.DEEPSPEED else "no")
     if cfg.distributed_type == DistributedType.DEEPSPEED:
         ds_file = Path(__file__).resolve().parents[1] / cfg.deepspeed_config["deepspeed_config_file"]
         assert ds_file.exists()

@@ -500,7 +500,24 @@ def test_nonfinite_step_is_really_skipped_under_deepspeed(shards, tmp_path):
 
 
 @pytest.mark.slow
-def test_deepspeed_refuses_another_process_count_with_the_fix(shards, zero, tmp_path):
+def test_zero2_resumes_on_another_process_count_through_the_universal_checkpoint(shards, zero, tmp_path):
+    """ZeRO-2's step-3 checkpoint (2 processes) continued on 1 process with twice the accumulation: converted to
+    DeepSpeed's universal format on the fly, it follows the uninterrupted 2-process run."""
+    out = tmp_path / "zero2-on-1"
+    shutil.copytree(zero[2] / "checkpoint-3", out / "checkpoint-3")
+    args = _common(shards, out, deepspeed=CONFIGS / "ds_zero2.json", gradient_accumulation_steps=2)
+    proc = _run(_torchrun(1, str(TRAIN_SCRIPT), *args), timeout=240)
+    assert "resuming from" in proc.stdout and "x 1 processes" in proc.stdout
+    got, ref = train_losses(out), train_losses(zero[2])
+    assert sorted(got) == [4, 5, 6]
+    np.testing.assert_allclose([got[s] for s in got], [ref[s] for s in got], rtol=LOSS_RTOL)
+    _assert_same_weights(zero[2], out)
+    # the converted copy is gone; the checkpoint it came from is untouched
+    assert not list(out.glob(".universal-*")) and ckpt.verify(out / "checkpoint-3") is None
+
+
+@pytest.mark.slow
+def test_zero3_refuses_another_process_count_with_the_fix(shards, zero, tmp_path):
     out = tmp_path / "zero3-on-1"
     shutil.copytree(zero[3] / "checkpoint-6", out / "checkpoint-6")
     args = _common(shards, out, deepspeed=CONFIGS / "ds_zero3.json", gradient_accumulation_steps=2)

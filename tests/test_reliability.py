@@ -239,8 +239,11 @@ def test_nonfinite_steps_are_skipped_counted_logged_and_stop_the_run(tmp_path, e
     real_forward = CausalLMWithLoss.forward
 
     def forward(self, input_ids):
-        calls["n"] += 1
         loss = real_forward(self, input_ids)
+        # training forwards only: evaluation runs through the same wrapped model
+        if not self.lm.training:
+            return loss
+        calls["n"] += 1
         return loss * float("nan") if calls["n"] in bad else loss
 
     monkeypatch.setattr(CausalLMWithLoss, "forward", forward)
@@ -632,11 +635,13 @@ def test_fp16_overflow_skips_keep_step_and_schedule_consistent(tmp_path, env, mo
     real_forward = CausalLMWithLoss.forward
 
     def forward(self, input_ids):
-        calls["n"] += 1
         loss = real_forward(self, input_ids)
-        return (
-            loss * 1e30 if calls["n"] in (2, 3) else loss
-        )  # overflows fp16 gradients, loss stays finite fp32
+        # training forwards only: evaluation runs through the same wrapped model
+        if not self.lm.training:
+            return loss
+        calls["n"] += 1
+        # overflows fp16 gradients, the loss stays a finite fp32
+        return loss * 1e30 if calls["n"] in (2, 3) else loss
 
     monkeypatch.setattr(CausalLMWithLoss, "forward", forward)
     out = tmp_path / "run"

@@ -162,7 +162,8 @@ class Backend:
 
             torch_save(self.optimizer.state_dict(), folder / OPTIMIZER_FILE)
 
-    def load(self, folder: Path) -> None:
+    def load(self, folder: Path, saved_world: int) -> None:
+        """Restore what `save` wrote; `saved_world` is the number of processes that wrote it."""
         from safetensors.torch import load_file
 
         from .checkpoint import torch_load
@@ -246,7 +247,7 @@ class FSDP2Backend(Backend):
         # every process writes its shard; torch.distributed.checkpoint reshards on load for any process count
         dcp.save(self._state(), checkpoint_id=str(folder / FSDP_DIR))
 
-    def load(self, folder):
+    def load(self, folder, saved_world):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
@@ -272,7 +273,6 @@ class DeepSpeedBackend(Backend):
     every ZeRO stage clear the gradients and leave weights and optimizer state untouched)."""
 
     name = "deepspeed"
-    resumes_on_other_world_size = False
 
     def __init__(self, train_args, precision: str, ds_config: dict):
         super().__init__(train_args, precision)
@@ -286,6 +286,9 @@ class DeepSpeedBackend(Backend):
         self.ds_config = cfg
         self.stage = int((cfg.get("zero_optimization") or {}).get("stage", 0))
         self.shards_weights = self.stage == 3
+        # through DeepSpeed's universal checkpoint (see `load`); for ZeRO-3 its load gave other losses than the
+        # uninterrupted run from the second step on (DeepSpeed 0.19.8, observed here), so it is refused
+        self.resumes_on_other_world_size = self.stage in (1, 2)
 
     @property
     def accelerate_precision(self) -> str:
@@ -368,24 +371,74 @@ class DeepSpeedBackend(Backend):
         return _strip(sd)
 
     def save(self, folder):
-        self.model.save_checkpoint(str(folder / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, save_latest=False)
+        from deepspeed.checkpoint.constants import (
+            UNIVERSAL_CHECKPOINT_INFO,
+            UNIVERSAL_CHECKPOINT_VERSION_KEY,
+            UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+        )
 
-    def load(self, folder):
-        if not (folder / DEEPSPEED_DIR / DEEPSPEED_TAG).is_dir():
+        # the marker DeepSpeed's universal conversion needs to accept a ZeRO-1/2 checkpoint (see `load`)
+        info = {
+            UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}
+        }
+        self.model.save_checkpoint(
+            str(folder / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, client_state=info, save_latest=False
+        )
+
+    def load(self, folder, saved_world):
+        state = folder / DEEPSPEED_DIR / DEEPSPEED_TAG
+        if not state.is_dir():
             raise CheckpointError(
                 f"checkpoint {folder} was not written under DeepSpeed: resume it with the backend that wrote it, "
                 f"or start anew from its weights with --resume never --init_from {folder} "
                 "--output_dir <a new folder>"
             )
-        _check_deepspeed_files(folder / DEEPSPEED_DIR / DEEPSPEED_TAG)
+        _check_deepspeed_files(state)
+        if saved_world == self.world:
+            self._load_engine(folder / DEEPSPEED_DIR)
+            return
+        # ZeRO's optimizer partitions belong to the process count that wrote them; DeepSpeed's universal format
+        # (one file per parameter and state) loads on any count, so the checkpoint is converted first, into a
+        # folder next to it that is removed after loading (the checkpoint itself is never modified)
+        import shutil
+        import subprocess
+        import sys
+
+        universal = folder.parent / f".universal-{folder.name}"
+        if self.is_main:
+            shutil.rmtree(universal, ignore_errors=True)
+            cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(state)]
+            cmd += ["--output_folder", str(universal / DEEPSPEED_TAG), "--num_extract_workers", "1"]
+            cmd += ["--num_merge_workers", "1"]
+            done = subprocess.run(
+                cmd, capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR": _ds_accelerator()}
+            )
+            if done.returncode != 0:
+                raise CheckpointError(
+                    f"could not convert {state} to DeepSpeed's universal format for {self.world} processes "
+                    f"({done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}); "
+                    f"resume with the {saved_world} processes that wrote it"
+                )
+        self.acc.wait_for_everyone()
+        self.model._config.load_universal_checkpoint = True
+        try:
+            self._load_engine(universal)
+        finally:
+            self.model._config.load_universal_checkpoint = False
+            self.acc.wait_for_everyone()
+            if self.is_main:
+                shutil.rmtree(universal, ignore_errors=True)
+
+    def _load_engine(self, load_dir: Path) -> None:
         path, _ = self.model.load_checkpoint(
-            str(folder / DEEPSPEED_DIR),
-            tag=DEEPSPEED_TAG,
-            load_optimizer_states=True,
-            load_lr_scheduler_states=False,
+            str(load_dir), tag=DEEPSPEED_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
         )
         if path is None:
-            raise CheckpointError(f"DeepSpeed could not load {folder / DEEPSPEED_DIR}")
+            raise CheckpointError(f"DeepSpeed could not load {load_dir}")
+
+
+def _ds_accelerator() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _check_deepspeed_files(folder: Path) -> None:

@@ -198,7 +198,8 @@ def cleanup_partial(output_dir: str | Path) -> None:
     A `.checkpoint-<step>.tmp` folder whose manifest verifies was complete: the process died between removing an
     older save of the same step and renaming this one into place (see save_checkpoint), and with
     save_total_limit=1 it may be the only copy of the run, so it is renamed into place rather than deleted.
-    Everything else temporary (incomplete saves, half-deleted checkpoints, an unfinished final model) goes."""
+    Everything else temporary (incomplete saves, half-deleted checkpoints, an unfinished final model, a DeepSpeed
+    universal conversion) goes."""
     out = Path(output_dir)
     if not out.is_dir():
         return
@@ -207,7 +208,7 @@ def cleanup_partial(output_dir: str | Path) -> None:
         if m and not (out / m.group(1)).exists() and verify(p) is None:
             os.replace(p, out / m.group(1))
             _fsync_dir(out)
-        elif p.name.startswith((".checkpoint-", ".deleting-", ".final.")):
+        elif p.name.startswith((".checkpoint-", ".deleting-", ".final.", ".universal-")):
             shutil.rmtree(p, ignore_errors=True)
 
 

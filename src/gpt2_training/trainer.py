@@ -6,7 +6,8 @@ resumes a stream by replaying every consumed batch, loses a `datasets` shuffle b
 losses in its logs. Speed is measured, not assumed: `bench/bench_training.py` times this loop against a raw
 PyTorch loop with the same model (its overhead ratio is in `bench/results/`). This loop keeps the
 Trainer's vocabulary (every setting is a `TrainingArguments` field) and its launchers (torchrun, `accelerate
-launch`, DeepSpeed and FSDP through Accelerate), and adds what it lacks:
+launch`, `deepspeed`), runs DDP, FSDP2 and DeepSpeed ZeRO behind one interface (backends.py), and adds what it
+lacks:
 
 * atomic checkpoints that include the exact data position, RNG states and scaler, so resume is bit-exact;
 * a NaN/inf guard that skips the optimizer step before it can damage the weights;
@@ -245,6 +246,7 @@ class Engine:
         wrapped = CausalLMWithLoss(self.lm, cfg.model.loss_impl)
         # the backend replicates or shards the model, then builds the optimizer on what this process holds
         self.model = self.backend.wrap(wrapped, lambda m: build_optimizer(m, t))
+        self.optimizer = self.backend.optimizer
         if t.torch_compile:
             try:
                 backend = t.torch_compile_backend or "inductor"
@@ -321,11 +323,11 @@ class Engine:
         if saved_world != self.world and not self.backend.resumes_on_other_world_size:
             raise CheckpointError(
                 f"cannot resume {path} on {self.world} processes under {self.backend.name}: it was written by "
-                f"{saved_world} and ZeRO's optimizer partitions are tied to that number. Resume with "
+                f"{saved_world} and its optimizer partitions are tied to that number. Resume with "
                 f"{saved_world} processes, or start anew from its weights with --resume never --init_from {path} "
                 "--output_dir <a new folder>"
             )
-        self.backend.load(path)
+        self.backend.load(path, saved_world)
         self.scheduler.load_state_dict(schedule["scheduler"])
         if schedule["scaler"] is not None and self.acc.scaler is not None:
             self.acc.scaler.load_state_dict(schedule["scaler"])
