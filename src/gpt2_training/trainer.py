@@ -133,13 +133,14 @@ def _global_batch(fp: dict) -> int:
 
 def check_resume_compatible(saved: dict, current: dict, allow_changes: bool) -> None:
     same_batch = _global_batch(saved) == _global_batch(current)
-    diffs = [
-        f"{k}: checkpoint has {saved.get(k)!r}, this run has {current[k]!r}"
-        for k in current
-        if saved.get(k) != current[k] and not (k in BATCH_SPLIT and same_batch)
-        # another process count with the same per-process batch changes the global batch
-        and not (k == "world_size" and allow_changes)
-    ]
+
+    def differs(k: str) -> bool:
+        if saved.get(k) == current[k] or (k in BATCH_SPLIT and same_batch):
+            return False
+        # another process count with the same per-process batch changes the global batch: allowed on request
+        return not (k == "world_size" and allow_changes)
+
+    diffs = [f"{k}: checkpoint has {saved.get(k)!r}, this run has {current[k]!r}" for k in current if differs(k)]
     if allow_changes:
         diffs = [d for d in diffs if d.split(":")[0] not in SAFE_TO_CHANGE]
     if diffs:
