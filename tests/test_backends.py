@@ -71,6 +71,9 @@ def test_settings_no_backend_can_run_are_refused_with_the_fix(monkeypatch, setti
 def test_deepspeed_precision_must_agree_with_the_run():
     problems = backend_problems(_args(deepspeed={**ZERO, "fp16": {"enabled": True}}), "bf16")
     assert any("--precision fp16" in p for p in problems), problems
+    problems = backend_problems(_args(deepspeed={**ZERO, "bf16": {"enabled": False}}), "bf16")
+    assert any("disables bf16" in p for p in problems), problems
+    assert backend_problems(_args(deepspeed=str(CONFIGS / "ds_zero3.json")), "bf16") == []
 
 
 def test_bad_backend_settings_exit_2_before_any_work(tmp_path, env, capsys):

@@ -553,6 +553,11 @@ def backend_problems(train_args, precision: str | None = None) -> list[str]:
                     f'DeepSpeed config enables {key} but the run\'s precision is {precision}: set "{key}": '
                     f'{{"enabled": "auto"}} in the JSON, or pass --precision {key}'
                 )
+            if on is False and precision == key:
+                problems.append(
+                    f'DeepSpeed config disables {key} but the run\'s precision is {key}: set "{key}": '
+                    f'{{"enabled": "auto"}} in the JSON, or pass another --precision'
+                )
         if getattr(train_args, "torch_compile", False):
             problems.append(
                 "--torch_compile with --deepspeed: use DeepSpeed's own compile section in its JSON"
