@@ -286,8 +286,9 @@ class DeepSpeedBackend(Backend):
         self.ds_config = cfg
         self.stage = int((cfg.get("zero_optimization") or {}).get("stage", 0))
         self.shards_weights = self.stage == 3
-        # through DeepSpeed's universal checkpoint (see `load`); for ZeRO-3 its load gave other losses than the
-        # uninterrupted run from the second step on (DeepSpeed 0.19.8, observed here), so it is refused
+        # through DeepSpeed's universal checkpoint (see `load`); for ZeRO-3 its load (DeepSpeed 0.19.8) gave back
+        # other Adam moments for the second parameter group (no weight decay) than were saved, and other losses
+        # from the second resumed step on (observed 2 -> 1 here), so it is refused
         self.resumes_on_other_world_size = self.stage in (1, 2)
 
     @property
