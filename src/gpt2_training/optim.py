@@ -25,7 +25,7 @@ def build_optimizer(model: torch.nn.Module, args) -> torch.optim.Optimizer:
     name = str(getattr(args.optim, "value", args.optim))
     groups = param_groups(model, args.weight_decay)
     kw = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
-    extra = parse_optim_args(args.optim_args)
+    extra = parse_optim_args(getattr(args, "optim_args", None))
     if extra:
         # unknown names fail here, before training, with the optimizer's own message
         _check_optimizer_kwargs(name, extra)
