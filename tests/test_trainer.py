@@ -193,3 +193,16 @@ def test_first_batch_is_the_stream_s_first_sequences(tmp_path, env):
     fresh = _engine(tmp_path / "b", per_device_train_batch_size=2)
     expected = np.stack([next(fresh.train_data) for _ in range(2)])
     assert np.array_equal(engine._next_batch(2).numpy(), expected)
+
+
+def test_resume_refuses_a_source_with_other_shards(tmp_path, env):
+    """Saved positions are per source shard: a folder that gained a file cannot be resumed into."""
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"part{i}.txt").write_text(f"Part {i}. " + "some words of text " * 300)
+    settings = dict(dataset=str(folder), tokenizer="train", max_steps=2, save_steps=2)
+    train(parse_config(tiny_args(tmp_path / "run", **settings)))
+    (folder / "part3.txt").write_text("Part 3. " + "more words " * 300)
+    with pytest.raises(ConfigError, match="data_stream"):
+        train(parse_config(tiny_args(tmp_path / "run", **{**settings, "max_steps": 4})))

@@ -262,6 +262,8 @@ class Engine:
         self.val_seqs = validation_sequences(cfg.data, self.tokenizer, data_seed)
         self.token_bytes = token_byte_lengths(self.tokenizer)
         self.fingerprint = _fingerprint(cfg, self.tokenizer, self.world)
+        # saved data positions depend on the source's shards and on how text is held out
+        self.fingerprint["data_stream"] = self.train_data.fingerprint()
         self.step, self.tokens_seen, self.skipped, self.bad_in_a_row = 0, 0, 0, 0
         self.saved_state: tuple[int, int] | None = None  # (step, tokens_seen) of the newest checkpoint
         self.saved_path: Path | None = None
