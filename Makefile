@@ -80,7 +80,7 @@ format: install ## ruff --fix + ruff format
 	$(VENV)/bin/ruff format $(LINT_PATHS)
 
 notebooks: install-full-finetuning ## re-execute the tutorial notebooks in place, then clean them
-	$(TEST_ENV) $(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace $(NOTEBOOKS)
+	$(filter-out WANDB_MODE=offline,$(TEST_ENV)) $(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace $(NOTEBOOKS)
 	$(VPY) tools/clean_notebooks.py $(NOTEBOOKS)
 
 bench: install-full-finetuning ## run the benchmarks

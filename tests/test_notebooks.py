@@ -223,3 +223,11 @@ def test_the_notebooks_training_loop_gives_the_engines_losses(env, tmp_path):
     assert len(hand) == len(engine.losses) == 6
     assert np.allclose(hand, engine.losses, rtol=1e-4, atol=0)
     assert hand[-1] < hand[0] - 0.1  # it trained: equal but frozen losses would also agree
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_the_openwebtext_cell_pins_the_packages_revision(path):
+    from gpt2_training.data.sources import OPENWEBTEXT_HUB_NAME, OPENWEBTEXT_REVISION
+
+    source = "".join("".join(c["source"]) for c in json.loads(path.read_text())["cells"])
+    assert f'path="{OPENWEBTEXT_HUB_NAME}", revision="{OPENWEBTEXT_REVISION}"' in source

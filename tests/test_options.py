@@ -114,3 +114,11 @@ def test_project_settings_have_help_and_do_not_shadow_training_arguments():
 
 def test_setup_md_holds_the_table():
     assert table_markdown() in (ROOT / "SETUP.md").read_text()
+
+
+def test_plain_training_arguments_without_a_precision_flag_is_fp32(tmp_path):
+    plain = training_config(TrainingArguments(output_dir=str(tmp_path), use_cpu=True))
+    assert plain.run.precision == "fp32"
+    bf16 = training_config(TrainingArguments(output_dir=str(tmp_path), use_cpu=True, bf16=True))
+    assert bf16.run.precision == "bf16"
+    assert parse_config(tiny_args(tmp_path, precision="auto")).run.precision == "auto"

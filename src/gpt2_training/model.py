@@ -52,9 +52,13 @@ def count_parameters(config: GPT2Config) -> int:
 def build_model(args: ModelArguments, vocab_size: int, eos_id: int) -> GPT2LMHeadModel:
     """From scratch (GPT-2's initialisation, seeded by the caller) or from pre-trained weights."""
     if args.init_from == "scratch":
-        return GPT2LMHeadModel(gpt2_config(args, vocab_size, eos_id))
-    model = load_pretrained(args.init_from, args)
-    if model.config.vocab_size < vocab_size:
+        model = GPT2LMHeadModel(gpt2_config(args, vocab_size, eos_id))
+    else:
+        model = load_pretrained(args.init_from, args)
+    # transformers 5 reads the loss from the model attribute, which GPT2LMHeadModel leaves unset (the config's
+    # loss_type is ignored, and --loss_impl hf would warn "loss_type=None ... unrecognized")
+    model.loss_type = "ForCausalLM"
+    if args.init_from != "scratch" and model.config.vocab_size < vocab_size:
         # A tokenizer with more tokens than the checkpoint: grow the tables; the new rows get GPT-2's init.
         model.resize_token_embeddings(padded_vocab_size(vocab_size, args.pad_vocab_to_multiple_of))
     return model

@@ -380,6 +380,12 @@ def apply_training_arguments(cfg: Any) -> None:
         raise ConfigError(f"--{asked[0]} contradicts --precision {run.precision}: keep one of them")
     if asked:
         run.precision = asked[0]
+    from .config import GPT2TrainingArguments
+
+    if not asked and run.precision == "auto" and not isinstance(t, GPT2TrainingArguments):
+        # Hugging Face's own TrainingArguments without --bf16/--fp16 means fp32 to its users; this project's
+        # GPT2TrainingArguments (the command line) means "auto": bf16 where the hardware has it
+        run.precision = "fp32"
     if t.push_to_hub and not run.save_final_model:
         raise ConfigError("--push_to_hub uploads the final model: it needs --save_final_model true")
     resume = _resume_from_checkpoint(t.resume_from_checkpoint, t.output_dir)
