@@ -96,6 +96,9 @@ def heavy_modules_after_engine_import() -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    sys.path.insert(0, str(ROOT / "src"))
+    from gpt2_training.hardware import describe
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default=None, help="write the results as JSON here")
@@ -117,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
         results[name] = statistics.median(time_command(cmd) for _ in range(args.repeats))
     results["first step"] = statistics.median(time_to_first_step() for _ in range(args.repeats))
     record = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}",
+        "machine": describe(),
         "python": platform.python_version(),
         "repeats": args.repeats,
         "median_seconds": results,
