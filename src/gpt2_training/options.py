@@ -297,13 +297,13 @@ def changed_fields(args: Any) -> list[str]:
 
 def check_training_arguments(args: Any) -> None:
     """Raise ConfigError naming every refused field that is set, and every value an honoured field cannot take."""
-    problems = []
-    for name in changed_fields(args):
-        opt = TRAINING_ARGUMENTS.get(name)
-        if opt is None:
-            problems.append(f"--{name} is not known to this engine's options table: leave it at its default")
-        elif opt.status == REFUSED:
-            problems.append(f"--{name} is not supported by this engine: {opt.note}")
+    changed = changed_fields(args)
+    problems = [
+        f"--{name} is not known to this engine's options table: leave it at its default"
+        for name in changed
+        if name not in TRAINING_ARGUMENTS
+    ]
+    problems += refusals(changed)
     for name, allowed in ALLOWED_VALUES.items():
         value = str(_value(getattr(args, name)))
         if name == "hub_strategy" and not args.push_to_hub:
@@ -317,13 +317,18 @@ def check_training_arguments(args: Any) -> None:
         raise ConfigError(problems)
 
 
-def refuse_named(names: list[str]) -> None:
-    """Raise ConfigError for every refused field among `names` (flags or settings given explicitly)."""
-    problems = [
+def refusals(names: list[str]) -> list[str]:
+    """One line per refused field among `names`: its name and what to use instead."""
+    return [
         f"--{n} is not supported by this engine: {TRAINING_ARGUMENTS[n].note}"
         for n in dict.fromkeys(names)
         if n in TRAINING_ARGUMENTS and TRAINING_ARGUMENTS[n].status == REFUSED
     ]
+
+
+def refuse_named(names: list[str]) -> None:
+    """Raise ConfigError for every refused field among `names` (flags or settings given explicitly)."""
+    problems = refusals(names)
     if problems:
         raise ConfigError(problems)
 
