@@ -107,3 +107,31 @@ def test_training_arguments_precision_switches_are_honoured_or_refused():
     assert cfg.run.precision == "bf16"
     with pytest.raises(ConfigError, match="bf16 is not supported on this hardware"):
         validate(cfg, cuda_available=False, bf16_ok=False)
+
+
+@pytest.mark.parametrize(
+    "words, expect",
+    [
+        ("full_shard auto_wrap", {"reshard_after_forward": True}),
+        ("shard_grad_op", {"reshard_after_forward": False}),
+        ("full_shard offload", {"reshard_after_forward": True, "cpu_offload": True}),
+    ],
+)
+def test_fsdp_words_become_fsdp2_settings_without_a_deprecation_warning(words, expect, caplog):
+    """`--fsdp "full_shard auto_wrap"` (TrainingArguments' names, as the docs write them) maps to FSDP2's
+    fsdp_config as transformers maps it, but without transformers' "passing fsdp as a string" warning."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_propagation()
+    try:
+        cfg = parse_config(["--preset", "tiny", "--fsdp", words])
+    finally:
+        hf_logging.disable_propagation()
+    assert cfg.train.fsdp is True
+    assert {k: cfg.train.fsdp_config[k] for k in expect} == expect
+    assert not [r for r in caplog.records if "deprecated" in r.getMessage()]
+
+
+def test_an_unknown_fsdp_word_is_still_refused_by_transformers():
+    with pytest.raises(ValueError, match="Unknown `fsdp` option"):
+        parse_config(["--preset", "tiny", "--fsdp", "full_shard sideways"])

@@ -175,11 +175,15 @@ class GPT2TrainingArguments(TrainingArguments):
     max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the global gradient norm; 0 = off."})
     max_steps: int = field(
         default=-1,
-        metadata={"help": "Optimizer steps to train for; > 0 overrides --num_train_epochs (as in the Trainer)."},
+        metadata={
+            "help": "Optimizer steps to train for; > 0 overrides --num_train_epochs (as in the Trainer)."
+        },
     )
     num_train_epochs: float = field(
         default=3.0,
-        metadata={"help": "Passes over a corpus of known size (local files, prepared shards) when max_steps <= 0."},
+        metadata={
+            "help": "Passes over a corpus of known size (local files, prepared shards) when max_steps <= 0."
+        },
     )
     warmup_steps: float = field(
         default=100, metadata={"help": "Linear warmup steps (a float < 1 is a ratio)."}
@@ -195,7 +199,9 @@ class GPT2TrainingArguments(TrainingArguments):
     eval_steps: float | None = field(
         default=200, metadata={"help": "Evaluate (and sample) every N steps; 0 = --eval_strategy no."}
     )
-    eval_on_start: bool = field(default=True, metadata={"help": "Evaluate the untrained model before step 1."})
+    eval_on_start: bool = field(
+        default=True, metadata={"help": "Evaluate the untrained model before step 1."}
+    )
     save_steps: float = field(
         default=200, metadata={"help": "Write an atomic checkpoint every N steps; 0 = --save_strategy no."}
     )
@@ -227,7 +233,33 @@ class GPT2TrainingArguments(TrainingArguments):
             self.eval_strategy = "no"
         if self.save_steps == 0:
             self.save_strategy = "no"
+        self._translate_fsdp_words()
         super().__post_init__()
+
+    # TrainingArguments' FSDP words -> FSDP2's fsdp_config entries (the translation transformers 5 does itself,
+    # with a deprecation warning for the string form that this project documents as `--fsdp "full_shard auto_wrap"`)
+    _FSDP_WORDS = {
+        "full_shard": ("reshard_after_forward", True),
+        "shard_grad_op": ("reshard_after_forward", False),
+    }
+    _FSDP_WORDS |= {"offload": ("cpu_offload", True), "auto_wrap": None}
+
+    def _translate_fsdp_words(self) -> None:
+        words = self.fsdp.split() if isinstance(self.fsdp, str) else self.fsdp
+        if not words or not isinstance(words, list) or any(w not in self._FSDP_WORDS for w in words):
+            return  # True/False/empty, or a word transformers itself should judge (and refuse)
+        conf = self.fsdp_config
+        if isinstance(conf, str):
+            import json
+
+            with open(conf, encoding="utf-8") as f:
+                conf = json.load(f)
+        conf = dict(conf or {})
+        for word in words:
+            if self._FSDP_WORDS[word]:
+                key, value = self._FSDP_WORDS[word]
+                conf.setdefault(key, value)
+        self.fsdp, self.fsdp_config = True, conf
 
 
 ARG_CLASSES = (ModelArguments, DataArguments, RunArguments, GPT2TrainingArguments)
@@ -243,7 +275,9 @@ def training_config(
     model/data/run settings, checked against the options contract like the command line."""
     from .options import apply_training_arguments
 
-    cfg = Config(model=model or ModelArguments(), data=data or DataArguments(), run=run or RunArguments(), train=train)
+    cfg = Config(
+        model=model or ModelArguments(), data=data or DataArguments(), run=run or RunArguments(), train=train
+    )
     apply_training_arguments(cfg)
     return cfg
 
