@@ -206,3 +206,23 @@ def test_resume_refuses_a_source_with_other_shards(tmp_path, env):
     (folder / "part3.txt").write_text("Part 3. " + "more words " * 300)
     with pytest.raises(ConfigError, match="data_stream"):
         train(parse_config(tiny_args(tmp_path / "run", **{**settings, "max_steps": 4})))
+
+
+HEAVY = ("deeplake", "wandb", "datasets", "bitsandbytes", "deepspeed", "tensorboard", "matplotlib", "pandas")
+
+
+def test_a_plain_run_imports_no_optional_heavy_library(tmp_path, env):
+    """Start-up: a run on local data with report_to none, torch AdamW and no backend loads none of the heavy
+    optional libraries (each costs up to seconds of import); they load only for runs that use them."""
+    import subprocess
+
+    argv = tiny_args(tmp_path / "run", max_steps=2, report_to="none", plot="false")
+    code = (
+        "import sys\nfrom gpt2_training.cli import run\nrc = run(sys.argv[1:])\n"
+        f"print('LOADED', sorted(m for m in {HEAVY!r} if m in sys.modules))\nsys.exit(rc)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, *argv], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "LOADED []" in done.stdout, done.stdout[-500:]
