@@ -100,17 +100,53 @@ def _reset_compile() -> None:
         torch._dynamo.reset()
 
 
-def _clip(params, device) -> None:
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
+def _amp_step(forward, params, opt, precision: str, device: torch.device, max_norm: float = 1.0):
+    """One optimizer step as every row takes it: autocast forward in `precision`, backward through a GradScaler
+    (active for fp16 only), clipping to `max_norm`, step; returns `step(x)`."""
+    params = list(params)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+
+    def step(x):
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = forward(x)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _step_row(name: str, what: str, a, shape, precision, mem, n_params, timing, compiled) -> dict:
+    """The result row of a model-step measurement: `timing` is `_timed`'s (seconds, warm-up seconds)."""
+    secs, warm = timing
+    return _row(
+        name,
+        what,
+        a.micro_batch * a.seq_len * a.steps,
+        secs,
+        n_params,
+        shape,
+        a.seq_len,
+        precision,
+        mem,
+        steps=a.steps,
+        warmup_s=warm,
+        compiled=compiled,
+    )
 
 
 # -- rows -----------------------------------------------------------------------------------------------------------
 def run_seed(a, device, shape) -> dict:
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    from gpt2_training.model import enable_activation_checkpointing
+
     torch.manual_seed(0)
-    cuda = device.type == "cuda"
-    precision = "fp16" if cuda else "fp32"
+    precision = "fp16" if device.type == "cuda" else "fp32"
     with PeakMemory(device) as mem:
         cfg = GPT2Config(
             vocab_size=GPT2_VOCAB,
@@ -121,40 +157,18 @@ def run_seed(a, device, shape) -> dict:
             **shape,
         )
         lm = GPT2LMHeadModel(cfg).to(device)
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(lm)
         lm.config.use_cache = False
         lm.train()
         opt = torch.optim.AdamW(lm.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1)
-        scaler = torch.amp.GradScaler("cuda", enabled=cuda)
+        step = _amp_step(
+            lambda x: lm(input_ids=x, labels=x, use_cache=False).loss, lm.parameters(), opt, precision, device
+        )
         x = torch.randint(0, GPT2_VOCAB, (a.micro_batch, a.seq_len), device=device)
-
-        def step():
-            with torch.autocast(device.type, dtype=torch.float16, enabled=cuda):
-                loss = lm(input_ids=x, labels=x, use_cache=False).loss
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-            _clip(lm.parameters(), device)
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-
-        secs, warm = _timed(step, device, a.warmup, a.steps)
+        timing = _timed(lambda: step(x), device, a.warmup, a.steps)
     n = sum(p.numel() for p in lm.parameters())
-    return _row(
-        "seed",
-        "HF GPT2LMHeadModel, eager attn, checkpointing, dropout 0.1, vocab 50257, HF loss, "
-        f"AdamW, {precision}",
-        a.micro_batch * a.seq_len * a.steps,
-        secs,
-        n,
-        shape,
-        a.seq_len,
-        precision,
-        mem,
-        steps=a.steps,
-        warmup_s=warm,
-        compiled=False,
-    )
+    what = f"HF GPT2LMHeadModel, eager attn, checkpointing, dropout 0.1, vocab 50257, HF loss, AdamW, {precision}"
+    return _step_row("seed", what, a, shape, precision, mem, n, timing, compiled=False)
 
 
 def run_recipe(a, device, shape) -> dict:
@@ -164,10 +178,8 @@ def run_recipe(a, device, shape) -> dict:
     from gpt2_training.precision import resolve_precision
 
     torch.manual_seed(0)
-    cuda = device.type == "cuda"
     precision, _ = resolve_precision("auto")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    compile_ = cuda and not a.no_compile
+    compile_ = device.type == "cuda" and not a.no_compile
     with PeakMemory(device) as mem:
         margs = ModelArguments(preset=a.preset, n_positions=max(shape["n_positions"], a.seq_len))
         lm = build_model(margs, GPT2_VOCAB, GPT2_EOS).to(device)
@@ -184,38 +196,18 @@ def run_recipe(a, device, shape) -> dict:
                 adam_epsilon=1e-8,
             ),
         )
-        fwd = torch.compile(model) if compile_ else model
-        scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+        step = _amp_step(
+            torch.compile(model) if compile_ else model, model.parameters(), opt, precision, device
+        )
         x = torch.randint(0, GPT2_VOCAB, (a.micro_batch, a.seq_len), device=device)
-
-        def step():
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                loss = fwd(x)
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-            _clip(model.parameters(), device)
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-
-        secs, warm = _timed(step, device, a.warmup, a.steps)
+        timing = _timed(lambda: step(x), device, a.warmup, a.steps)
     n, vocab = sum(p.numel() for p in lm.parameters()), lm.config.vocab_size
     _reset_compile()
-    return _row(
-        "recipe",
+    what = (
         f"gpt2_training step: CausalLMWithLoss (chunked loss), SDPA, {precision}, "
-        f"{'compiled, ' if compile_ else ''}fused AdamW, vocab {vocab}, dropout 0",
-        a.micro_batch * a.seq_len * a.steps,
-        secs,
-        n,
-        shape,
-        a.seq_len,
-        precision,
-        mem,
-        steps=a.steps,
-        warmup_s=warm,
-        compiled=compile_,
+        f"{'compiled, ' if compile_ else ''}fused AdamW, vocab {vocab}, dropout 0"
     )
+    return _step_row("recipe", what, a, shape, precision, mem, n, timing, compiled=compile_)
 
 
 def run_reference(a, device, shape) -> dict:
@@ -224,45 +216,23 @@ def run_reference(a, device, shape) -> dict:
     from gpt2_training.precision import resolve_precision
 
     torch.manual_seed(0)
-    cuda = device.type == "cuda"
     precision, _ = resolve_precision("auto")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    compile_ = cuda and not a.no_compile
+    compile_ = device.type == "cuda" and not a.no_compile
     with PeakMemory(device) as mem:
         model = ReferenceGPT(vocab_size=GPT2_VOCAB, **shape).to(device).train()
         opt = model.optimizer(fused=True)
-        fwd = torch.compile(model) if compile_ else model
-        scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+        step = _amp_step(
+            torch.compile(model) if compile_ else model, model.parameters(), opt, precision, device
+        )
         x = torch.randint(0, GPT2_VOCAB, (a.micro_batch, a.seq_len), device=device)
-
-        def step():
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                loss = fwd(x)
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-            _clip(model.parameters(), device)
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-
-        secs, warm = _timed(step, device, a.warmup, a.steps)
+        timing = _timed(lambda: step(x), device, a.warmup, a.steps)
     n = sum(p.numel() for p in model.parameters())
     _reset_compile()
-    return _row(
-        "reference",
+    what = (
         f"compact nanoGPT-style model (bench/reference_gpt.py), SDPA, {precision}, "
-        f"{'compiled, ' if compile_ else ''}fused AdamW, padded vocab",
-        a.micro_batch * a.seq_len * a.steps,
-        secs,
-        n,
-        shape,
-        a.seq_len,
-        precision,
-        mem,
-        steps=a.steps,
-        warmup_s=warm,
-        compiled=compile_,
+        f"{'compiled, ' if compile_ else ''}fused AdamW, padded vocab"
     )
+    return _step_row("reference", what, a, shape, precision, mem, n, timing, compiled=compile_)
 
 
 def _engine_config(a, device, out_dir: str, total_steps: int):
@@ -359,22 +329,14 @@ def run_raw_once(a, device) -> dict:
         sched = build_scheduler(opt, t)
         fwd = torch.compile(model) if t.torch_compile else model
         precision, _ = resolve_precision(cfg.run.precision)
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-        scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+        step = _amp_step(fwd, model.parameters(), opt, precision, device, t.max_grad_norm)
         stamps = []
         for i in range(total):
             if i in (a.warmup, a.warmup + a.engine_steps):
                 _sync(device)
             stamps.append(time.perf_counter())
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                loss = fwd(data[i])
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-            scaler.step(opt)
-            scaler.update()
+            step(data[i])
             sched.step()
-            opt.zero_grad(set_to_none=True)
         _sync(device)
     secs = stamps[a.warmup + a.engine_steps] - stamps[a.warmup]
     n_params = sum(p.numel() for p in lm.parameters())

@@ -64,6 +64,17 @@ def build_model(args: ModelArguments, vocab_size: int, eos_id: int) -> GPT2LMHea
     return model
 
 
+def enable_activation_checkpointing(lm: GPT2LMHeadModel, kwargs: dict | None = None) -> None:
+    """Recompute each block's activations in backward (non-reentrant by default: works with DDP and with inputs
+    that need no grad). Recent transformers (5.24 here) renamed `gradient_checkpointing_enable` and deprecated the
+    old name; older 5.x releases (5.17, the GPU image bench/gpu_check.sh runs on) have only the old one."""
+    kwargs = kwargs or {"use_reentrant": False}
+    if hasattr(lm, "activation_checkpointing_enable"):
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def load_pretrained(name_or_path: str, args: ModelArguments) -> GPT2LMHeadModel:
     """Load weights from a local folder or the Hub, with a clear message when offline."""
     local = Path(name_or_path)

@@ -538,7 +538,7 @@ def measure_peak_memory(
     import torch
     from transformers import GPT2LMHeadModel
 
-    from .model import CausalLMWithLoss
+    from .model import CausalLMWithLoss, enable_activation_checkpointing
 
     if not torch.cuda.is_available():
         raise RuntimeError("measure_peak_memory needs a CUDA GPU (torch.cuda.max_memory_allocated)")
@@ -551,7 +551,7 @@ def measure_peak_memory(
     base = torch.cuda.memory_allocated()
     lm = GPT2LMHeadModel(cfg).cuda()
     if gradient_checkpointing:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(lm)
     lm.config.use_cache = False
     model = CausalLMWithLoss(lm, loss_impl)
     opt = _norm_optimizer(optimizer)

@@ -42,7 +42,7 @@ from .data import resolve_tokenizer, restore_stream, train_stream, validation_se
 from .errors import CheckpointError, ConfigError, TrainingStopped
 from .hub import check_push_to_hub, push_folder
 from .metrics import bits_per_byte, describe_mfu, flops_per_token, token_byte_lengths, unigram_byte_entropy
-from .model import CausalLMWithLoss, build_model
+from .model import CausalLMWithLoss, build_model, enable_activation_checkpointing
 from .optim import build_optimizer, build_scheduler
 from .options import changed_fields, report_to_list
 from .precision import bf16_supported, resolve_precision
@@ -237,10 +237,11 @@ class Engine:
             raise ConfigError(
                 f"block_size={cfg.data.block_size} exceeds the loaded model's n_positions={self.lm.config.n_positions}"
             )
-        if t.activation_checkpointing or t.gradient_checkpointing:
-            # non-reentrant by default: works with DDP and with inputs that need no grad
-            kwargs = t.activation_checkpointing_kwargs or t.gradient_checkpointing_kwargs or {"use_reentrant": False}
-            self.lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        # activation_checkpointing(_kwargs): TrainingArguments fields added after transformers 5.17
+        if getattr(t, "activation_checkpointing", False) or t.gradient_checkpointing:
+            enable_activation_checkpointing(
+                self.lm, getattr(t, "activation_checkpointing_kwargs", None) or t.gradient_checkpointing_kwargs
+            )
         self.lm.config.use_cache = False
         self.lm.to(self.acc.device)
         self.n_params = sum(p.numel() for p in self.lm.parameters())
