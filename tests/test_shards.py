@@ -95,6 +95,27 @@ def test_num_proc_is_checked(tmp_path, tokenizer, capsys):
     )
 
 
+def test_a_malformed_record_names_file_and_byte_and_leaves_nothing_complete(tmp_path, tokenizer):
+    """Every file has a bad line, so whichever runner meets one first (this process or the worker process)
+    reports it, and no folder appears; after the files are fixed the same call finishes."""
+    data = write(tmp_path / "d", 4)
+    for f in data.iterdir():
+        lines = f.read_text().splitlines(keepends=True)
+        f.write_text("".join(lines[:40]) + "{not json\n" + "".join(lines[40:]))
+    options = {"spec": str(data)}
+    out = tmp_path / "o"
+    kw = dict(progress=False, num_proc=2, source_options=options)
+    with pytest.raises(DataError, match=r"p00\d\.jsonl \(byte \d+\): invalid JSON"):
+        prepare_shards(open_source(**options), tokenizer, out, **kw)
+    assert not out.exists()
+    for f in data.iterdir():
+        f.write_text(
+            "".join(line for line in f.read_text().splitlines(keepends=True) if line != "{not json\n")
+        )
+    meta = prepare_shards(open_source(**options), tokenizer, out, **kw)
+    assert meta["documents"]["train"] + meta["documents"]["validation"] == 600
+
+
 def test_killed_prepare_resumes_and_never_looks_complete(tmp_path, env):
     """SIGKILL a real `train.py prepare --num_proc 2` once some units are done: no complete-looking folder is
     left, and running the same command again reuses the finished units and writes the same bytes as a run that

@@ -16,7 +16,7 @@ from test_reliability import _bit_exact
 
 from gpt2_training.data.pipeline import TokenStream
 from gpt2_training.data.sources import open_source
-from gpt2_training.data.tokenizer import train_bpe_tokenizer
+from gpt2_training.data.tokenizer import tiktoken_encoding, train_bpe_tokenizer
 from gpt2_training.data.workers import Encoder, _WorkerProcess
 from gpt2_training.errors import DataError
 
@@ -61,6 +61,84 @@ def test_encoder_gives_the_tokenizers_own_ids(tokenizer):
     texts = DOCS[:20] + ["", "ünïcode 日本 🙂"]
     want = tokenizer(texts, add_special_tokens=False)["input_ids"]
     assert [a.tolist() for a in Encoder(tokenizer, np.uint16)(texts)] == want
+
+
+EDGE_CASES = [
+    "",
+    " ",
+    "   \n\n\t  x  ",
+    "a  \n  b\r\n\r\nc\u00a0d",
+    "ünïcode 日本語のテキスト 🙂👍🏽 e\u0301 \u200d\u200b",
+    "<|endoftext|>",
+    "a<|endoftext|>b <|endoftext|><|endoftext|> <|endoftext",
+    "I'm they'll it's we've 'S 'LL don't",
+    "12345 1.5e10 3,141 x2 ２０２４",
+    "\x00\x01\x7f control",
+    "a" * 400,
+    "    leading spaces and trailing    ",
+    "!!!??? ... --- ''' \"\"\" @@@",
+]
+
+
+def test_tiktoken_gives_the_rust_tokenizers_ids(tmp_path):
+    """A byte-level BPE trained here is encoded by tiktoken, with the Rust tokenizer's ids on the built-in
+    corpus, edge cases (unicode, whitespace runs, the end-of-text token inside text, empty text) and the text
+    of every token of the vocabulary."""
+    from gpt2_training.data.corpus import builtin_documents
+
+    docs = builtin_documents()
+    tok = train_bpe_tokenizer(docs, 3000, tmp_path / "bpe")
+    fast, rust = Encoder(tok, np.uint16), Encoder(tok, np.uint16, use_tiktoken=False)
+    assert (fast.engine, rust.engine) == ("tiktoken", "tokenizers")
+    vocab = [tok.convert_tokens_to_string([t]) for t in tok.get_vocab()]
+    whole = [t for t in vocab if "\ufffd" not in t]  # the others are pieces of a UTF-8 character
+    assert len(whole) > 0.9 * len(vocab)
+    texts = docs + EDGE_CASES + whole
+    ids = [a.tolist() for a in fast(texts)]
+    assert ids == [a.tolist() for a in rust(texts)]
+    assert ids == tok(texts, add_special_tokens=False)["input_ids"]
+
+
+def _edited(tokenizer, edit) -> str:
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    edit(spec)
+    return json.dumps(spec)
+
+
+def _swap_two_merges(spec: dict) -> None:
+    merges = spec["model"]["merges"]
+    merges[5], merges[6] = merges[6], merges[5]
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda spec: spec.update(normalizer={"type": "Lowercase"}),
+        lambda spec: spec["pre_tokenizer"].update(add_prefix_space=True),
+        lambda spec: spec["model"].update(dropout=0.1),
+        _swap_two_merges,
+        lambda spec: spec["model"]["vocab"].pop("Ā"),
+        lambda spec: spec["added_tokens"][0].update(lstrip=True),
+    ],
+    ids=["normalizer", "prefix-space", "dropout", "merge-order", "missing-byte", "lstrip-token"],
+)
+def test_tokenizers_where_tiktoken_could_differ_keep_the_rust_path(tokenizer, edit):
+    assert tiktoken_encoding(tokenizer.backend_tokenizer.to_str()) is not None
+    assert tiktoken_encoding(_edited(tokenizer, edit)) is None
+
+
+def test_a_tokenizer_with_a_normalizer_is_encoded_by_rust_with_its_own_ids(tokenizer):
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    lowercase = _edited(tokenizer, lambda spec: spec.update(normalizer={"type": "Lowercase"}))
+    lower = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(lowercase), eos_token="<|endoftext|>")
+    encoder = Encoder(lower, np.uint16)
+    texts = [d.upper() for d in DOCS[:20]]
+    ids = [a.tolist() for a in encoder(texts)]
+    assert encoder.engine == "tokenizers"
+    assert ids == lower(texts, add_special_tokens=False)["input_ids"]
+    assert ids == tokenizer([d.lower() for d in texts], add_special_tokens=False)["input_ids"]
 
 
 def test_any_number_of_workers_gives_the_same_sequences_and_states(folder, tokenizer):
@@ -108,7 +186,9 @@ def test_a_failing_worker_reports_the_error_and_record(tokenizer):
     worker = _WorkerProcess(0, Encoder(tokenizer, np.uint16))
     try:
         worker.submit(0, [None])  # not text: the Rust tokenizer raises inside the worker
-        with pytest.raises(DataError, match=r"failed on the batch that starts at somefile.jsonl, offset 7: "):
+        with pytest.raises(
+            DataError, match=r"failed tokenizing the batch that starts at somefile.jsonl, offset 7: "
+        ):
             worker.result(0, lambda: "somefile.jsonl, offset 7")
     finally:
         worker.close()

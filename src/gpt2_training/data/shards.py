@@ -84,82 +84,130 @@ def _split_pieces(pieces, held_out: HeldOut):
             split = None
 
 
-def _prepare_unit(job: dict) -> list[dict]:
-    """Tokenize one unit of work (a shard, or every num_proc-th block of a one-shard source) into
-    `units/<name>.<split>.bin` files; a unit is done when its `.json` exists. Returns the new units' counts."""
-    from .sources import open_source
-    from .workers import Encoder
+class _UnitWriter:
+    """Tokenizes one unit of work (a shard, or every stride-th block of a one-shard source) into
+    `units/<name>.<split>.bin` files; a unit is done when its `.json` exists. Called with a job, it returns the
+    counts of the units it wrote. Pickled into each `prepare` worker process, where it reopens the source
+    once from `source_options` (`open_source` keywords)."""
 
-    source = job.get("source") or open_source(**job["source_options"])
-    encoder: Encoder = job["encoder"]
-    folder = Path(job["folder"])
-    eos = job["eos"]
-    held_out = job["held_out"]
-    if job["kind"] == "shard":
-        pieces = source.pieces(0, None, shards=[job["index"]])
-        return [_write_unit(folder, f"s{job['index']:06d}", _split_pieces(pieces, held_out), encoder, eos)]
-    # One shard: every process reads it and tokenizes the blocks b with b % stride == index.
-    stride, index = job["stride"], job["index"]
-    done: list[dict] = []
-    block, docs, mine = 0, 0, []
+    def __init__(self, source, source_options, encoder, held_out: HeldOut, eos: int, folder: Path):
+        self.source, self.source_options = source, source_options
+        self.encoder, self.held_out, self.eos, self.folder = encoder, held_out, eos, folder
 
-    def finish() -> None:
-        name = f"b{block:09d}"
-        if block % stride == index and not (folder / f"{name}.json").exists():
-            done.append(_write_unit(folder, name, _split_pieces(mine, held_out), encoder, eos))
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "source": None}
 
-    for piece in source.pieces(0, None):
-        if block % stride == index:  # the other processes' blocks are only counted
-            mine.append(piece)
-        if piece.last:
-            docs += 1
-            if docs == job["block"]:
-                finish()
-                block, docs, mine = block + 1, 0, []
-    if docs:
-        finish()
-    return done
+    def __call__(self, job: dict) -> list[dict]:
+        if self.source is None:
+            from .sources import open_source
 
+            self.source = open_source(**self.source_options)
+        if job["kind"] == "shard":
+            pieces = self.source.pieces(0, None, shards=[job["index"]])
+            return [self._write(f"s{job['index']:06d}", pieces)]
+        # One shard: every process reads it and tokenizes the blocks b with b % stride == index.
+        stride, index = job["stride"], job["index"]
+        done: list[dict] = []
+        block, docs, mine = 0, 0, []
 
-def _write_unit(folder: Path, name: str, parts, encoder, eos: int) -> dict:
-    counts = {
-        "name": name,
-        "documents": {"train": 0, "validation": 0},
-        "tokens": {"train": 0, "validation": 0},
-    }
-    files = {s: open(folder / f".{name}.{s}.bin", "wb") for s in ("train", "validation")}  # noqa: SIM115
-    batch: list[tuple[str, str, bool]] = []
-    chars = 0
+        def finish() -> None:
+            name = f"b{block:09d}"
+            if block % stride == index and not (self.folder / f"{name}.json").exists():
+                done.append(self._write(name, mine))
 
-    def flush() -> None:
-        for (split, _, last), ids in zip(batch, encoder([t for _, t, _ in batch]), strict=True):
-            arr = np.append(ids, eos) if last else ids
-            files[split].write(arr.astype(encoder.dtype).tobytes())
-            counts["tokens"][split] += len(arr)
-        batch.clear()
+        for piece in self.source.pieces(0, None):
+            if block % stride == index:  # the other processes' blocks are only counted
+                mine.append(piece)
+            if piece.last:
+                docs += 1
+                if docs == job["block"]:
+                    finish()
+                    block, docs, mine = block + 1, 0, []
+        if docs:
+            finish()
+        return done
 
-    try:
-        for split, text, last, first in parts:
-            if first:
-                counts["documents"][split] += 1
-            batch.append((split, text, last))
-            chars += len(text)
-            if chars >= READ_BATCH_CHARS:
+    def _write(self, name: str, pieces) -> dict:
+        folder, encoder = self.folder, self.encoder
+        counts = {
+            "name": name,
+            "documents": {"train": 0, "validation": 0},
+            "tokens": {"train": 0, "validation": 0},
+        }
+        # The process id keeps a temporary file apart from one that a killed run's orphaned worker may
+        # still be writing under the same unit name.
+        temp = {s: folder / f".{name}.{os.getpid()}.{s}.bin" for s in ("train", "validation")}
+        files = {s: open(path, "wb") for s, path in temp.items()}  # noqa: SIM115 - closed below
+        batch: list[tuple[str, str, bool]] = []
+        chars = 0
+
+        def flush() -> None:
+            for (split, _, last), ids in zip(batch, encoder([t for _, t, _ in batch]), strict=True):
+                arr = np.append(ids, self.eos) if last else ids
+                files[split].write(arr.astype(encoder.dtype).tobytes())
+                counts["tokens"][split] += len(arr)
+            batch.clear()
+
+        try:
+            for split, text, last, first in _split_pieces(pieces, self.held_out):
+                if first:
+                    counts["documents"][split] += 1
+                batch.append((split, text, last))
+                chars += len(text)
+                if chars >= READ_BATCH_CHARS:
+                    flush()
+                    chars = 0
+            if batch:
                 flush()
-                chars = 0
-        if batch:
-            flush()
+        finally:
+            for f in files.values():
+                f.flush()
+                os.fsync(f.fileno())
+                f.close()
+        for split, path in temp.items():
+            os.replace(path, folder / f"{name}.{split}.bin")
+        tmp = folder / f".{name}.{os.getpid()}.json"
+        tmp.write_text(json.dumps(counts))
+        os.replace(tmp, folder / f"{name}.json")  # the unit is complete only once this file exists
+        return counts
+
+
+def _run_jobs(task: _UnitWriter, jobs: list[dict], num_proc: int, where, tmp: Path):
+    """Each job's result, in job order, from this process and `num_proc - 1` worker processes, each taking the
+    next job when free. This process works too: it is already running, where a worker takes ~0.3 s to start."""
+    import queue
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .workers import _WorkerProcess
+
+    advice = f"finished units are kept in {tmp}: run the same command again to resume, or use --num_proc 1"
+    workers = [
+        _WorkerProcess(i, task, name="prepare worker", doing="preparing", advice=advice)
+        for i in range(1, num_proc)
+    ]
+    free: queue.SimpleQueue = queue.SimpleQueue()
+    for runner in [None, *workers]:  # None: this process
+        free.put(runner)
+
+    def run(i: int) -> list[dict]:
+        worker = free.get()
+        try:
+            if worker is None:
+                return task(jobs[i])
+            worker.submit(i, jobs[i])
+            return worker.result(i, lambda: where(jobs[i]))
+        finally:
+            free.put(worker)
+
+    # one thread per runner; those of the worker processes only wait on their pipes
+    pool = ThreadPoolExecutor(num_proc, thread_name_prefix="prepare")
+    try:
+        yield from pool.map(run, range(len(jobs)))
     finally:
-        for f in files.values():
-            f.flush()
-            os.fsync(f.fileno())
-            f.close()
-    for split in files:
-        os.replace(folder / f".{name}.{split}.bin", folder / f"{name}.{split}.bin")
-    tmp = folder / f".{name}.json"
-    tmp.write_text(json.dumps(counts))
-    os.replace(tmp, folder / f"{name}.json")  # the unit is complete only once this file exists
-    return counts
+        # after an error, the jobs not started are dropped: their units are left for the next run
+        pool.shutdown(wait=True, cancel_futures=True)
+        for w in workers:
+            w.close()
 
 
 def usable_cores() -> int:
@@ -225,44 +273,29 @@ def prepare_shards(
         units_dir.mkdir(parents=True)
         plan_path.write_text(json.dumps(plan))
     for leftover in units_dir.glob(".*"):  # a unit being written when the last run was killed
-        leftover.unlink()
-    common = {
-        "encoder": encoder,
-        "held_out": held_out,
-        "eos": tokenizer.eos_token_id,
-        "folder": str(units_dir),
-        "source_options": source_options,
-    }
+        leftover.unlink(missing_ok=True)
+    task = _UnitWriter(source, source_options, encoder, held_out, tokenizer.eos_token_id, units_dir)
     if one_shard:
         jobs = [
-            {**common, "kind": "blocks", "index": i, "stride": num_proc, "block": block_documents}
+            {"kind": "blocks", "index": i, "stride": num_proc, "block": block_documents}
             for i in range(num_proc)
         ]
     else:
         jobs = [
-            {**common, "kind": "shard", "index": u}
+            {"kind": "shard", "index": u}
             for u in range(source.num_shards)
             if not (units_dir / f"s{u:06d}.json").exists()
         ]
-    bar = _Progress(len(jobs) if not one_shard else None, progress)
-    if num_proc == 1:
-        for job in jobs:
-            bar.update(_prepare_unit({**job, "source": source}))
-    else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-        from concurrent.futures.process import BrokenProcessPool
 
-        context = multiprocessing.get_context("spawn")
-        try:
-            with ProcessPoolExecutor(num_proc, mp_context=context) as pool:
-                for result in pool.map(_prepare_unit, jobs):
-                    bar.update(result)
-        except BrokenProcessPool as error:
-            raise DataError(
-                f"a prepare worker process died ({error}); finished units are kept in {tmp}: run the same "
-                "command again to resume, or use --num_proc 1"
-            ) from error
+    def where(job: dict) -> str:
+        if job["kind"] == "shard":
+            return f"shard {job['index']} of {source.description}"
+        first, stride = job["index"], job["stride"]
+        return f"blocks {first}, {first + stride}, ... of {block_documents} documents of {source.description}"
+
+    bar = _Progress(len(jobs) if not one_shard else None, progress)
+    for units in _run_jobs(task, jobs, num_proc, where, tmp):
+        bar.update(units)
     bar.close()
     meta = _merge_units(tmp, units_dir, dtype, shard_tokens)
     meta.update(

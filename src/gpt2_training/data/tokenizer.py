@@ -1,12 +1,16 @@
 """Tokenizers: GPT-2's byte-level BPE from the Hub, or one trained on your own corpus with the same recipe.
 
 A trained tokenizer is saved as a standard Hugging Face tokenizer (`AutoTokenizer.from_pretrained(dir)`)
-and cached by a hash of the corpus and the vocabulary size, so a second run reuses it.
+and cached by a hash of the corpus and the vocabulary size, so a second run reuses it. `tiktoken_encoding`
+turns such a byte-level BPE into a tiktoken encoding of the same vocabulary, which encodes several times
+faster per core (bench/bench_workers.py).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -21,6 +25,8 @@ if TYPE_CHECKING:  # transformers is imported when a tokenizer is built, not wit
     from transformers import PreTrainedTokenizerFast
 
 EOS = "<|endoftext|>"
+# GPT-2's pre-tokenizer regex, the one `pre_tokenizers.ByteLevel(use_regex=True)` splits with
+GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 
 def train_bpe_tokenizer(
@@ -97,3 +103,66 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerFast:
         raise ConfigError(f"tokenizer {name_or_path!r} has no end-of-text token to separate documents")
     tok.model_max_length = 1 << 30
     return tok
+
+
+def _byte_of_char() -> dict[str, int]:
+    """GPT-2's byte-level alphabet read backwards: printable bytes stand for themselves, the other 68 bytes
+    for the characters from U+0100 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {chr(b): b for b in printable} | {chr(256 + i): b for i, b in enumerate(others)}
+
+
+# reading the JSON takes ~0.1 s: a run's train and validation streams share one encoding
+@functools.lru_cache(maxsize=4)
+def tiktoken_encoding(tokenizer_json: str):
+    """The same tokenizer as a `tiktoken.Encoding`, or None where its ids could differ from the Rust tokenizer's.
+
+    Only GPT-2's recipe qualifies: a BPE model without dropout, byte fallback or word prefixes/suffixes, no
+    normalizer, the ByteLevel pre-tokenizer with GPT-2's regex and no prefix space, every byte in the
+    vocabulary, every longer token made by one merge with ids in merge order, and added tokens that are plain
+    literals none of which contains another (both libraries cut those out of the text first). tiktoken then
+    merges in the same order as `tokenizers`; it also takes a whole pre-tokenized word that is a token as it
+    is, which a BPE trained by merging reaches through its merges as well: tests/test_workers.py checks the
+    ids on real text, edge cases and the text of every token of the vocabulary. Text with lone surrogates (not valid
+    Unicode) is the one known difference: tiktoken replaces them, the Rust tokenizer refuses the text."""
+    spec = json.loads(tokenizer_json)
+    model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
+    if (
+        spec.get("normalizer") is not None
+        or model.get("type") != "BPE"
+        or model.get("dropout")
+        or model.get("byte_fallback")
+        or model.get("continuing_subword_prefix")
+        or model.get("end_of_word_suffix")
+        or pre.get("type") != "ByteLevel"
+        or pre.get("add_prefix_space")
+        or not pre.get("use_regex", True)
+    ):
+        return None
+    added = spec.get("added_tokens") or []
+    if any(a["lstrip"] or a["rstrip"] or a["single_word"] for a in added):
+        return None
+    literals = {a["content"]: a["id"] for a in added}
+    if any(a != b and a in b for a in literals for b in literals):
+        return None
+    byte_of = _byte_of_char()
+    ranks: dict[bytes, int] = {}
+    for token, rank in model["vocab"].items():
+        if token in literals:
+            continue
+        if any(c not in byte_of for c in token):
+            return None
+        ranks[bytes(byte_of[c] for c in token)] = rank
+    if any(bytes([b]) not in ranks for b in range(256)):
+        return None
+    # tiktoken ranks a merge by the id of the token it makes, `tokenizers` by its place in the merge list:
+    # the same order only when every longer token is made by exactly one merge and ids follow the list
+    made = [model["vocab"].get("".join(m.split(" ") if isinstance(m, str) else m)) for m in model["merges"]]
+    if None in made or made != sorted(set(made)) or len(made) != len(ranks) - 256:
+        return None
+    import tiktoken
+
+    return tiktoken.Encoding(
+        "hf-byte-level-bpe", pat_str=GPT2_SPLIT, mergeable_ranks=ranks, special_tokens=literals
+    )

@@ -8,7 +8,7 @@ because the Rust tokenizer releases the GIL only while it encodes, and turning e
 it: N threads would share one GIL with the training loop, where processes scale with the cores, and a process
 that crashes or is killed (out of memory) is reported with its exit status instead of taking the run with it.
 Each worker is a plain child process started with this package's interpreter (`python -c`), so it imports only
-numpy and `tokenizers` (not torch), starts in a fraction of a second, and exits when its input pipe closes,
+numpy and the tokenizer's library (not torch), starts in a fraction of a second, and exits when its input pipe closes,
 i.e. when the training process dies. Messages are length-prefixed pickles over the child's stdin/stdout.
 
 A worker that raises reports the error text, and a worker that dies closes its pipe: either becomes a
@@ -40,29 +40,51 @@ _POLL_S = 0.5
 class Encoder:
     """A picklable batch tokenizer giving the ids of `tokenizer(texts, add_special_tokens=False)`.
 
-    It calls the Rust tokenizer directly (`encode_batch_fast`, no offsets), in this process and in workers
-    alike, so 0 and N workers produce the same ids by construction. Tokenizers without a Rust backend are
-    called as they are (in-process and threads only)."""
+    GPT-2's recipe (a byte-level BPE, as trained here) is encoded by tiktoken built from the tokenizer's own
+    vocabulary (`tiktoken_encoding`), several times faster per core than the Rust `tokenizers` library and
+    single-threaded, so one process uses one core; any other fast tokenizer goes through the Rust tokenizer
+    (`encode_batch_fast`, no offsets). The same path runs in this process and in workers, so 0 and N workers
+    produce the same ids by construction. Tokenizers without a Rust backend are called as they are
+    (in-process and threads only). `use_tiktoken=False` keeps the Rust path, for comparisons."""
 
-    def __init__(self, tokenizer: Any, dtype: Any):
+    def __init__(self, tokenizer: Any, dtype: Any, use_tiktoken: bool = True):
         self.dtype = np.dtype(dtype)
         backend = getattr(tokenizer, "backend_tokenizer", None)
-        self._rust = backend
         self._json = backend.to_str() if backend is not None else None
         self._callable = None if backend is not None else tokenizer
+        from .tokenizer import tiktoken_encoding
+
+        self._tiktoken = tiktoken_encoding(self._json) if use_tiktoken and self._json is not None else None
+        self._rust = backend if self._tiktoken is None else None
+
+    @property
+    def engine(self) -> str:
+        """Which library encodes: "tiktoken", "tokenizers" or "python" (a tokenizer without a Rust backend)."""
+        if self._tiktoken is not None:
+            return "tiktoken"
+        return "tokenizers" if self._rust is not None else "python"
 
     def __getstate__(self) -> dict:
         if self._json is None:
             raise DataError("background workers need a fast (Rust) tokenizer; use --dataloader_num_workers 0")
+        # the tiktoken encoding itself, not the JSON it was built from: a worker then starts ~0.1 s sooner
+        if self._tiktoken is not None:
+            return {"dtype": self.dtype.str, "tiktoken": self._tiktoken}
         return {"dtype": self.dtype.str, "json": self._json}
 
     def __setstate__(self, state: dict) -> None:
-        from tokenizers import Tokenizer
+        self.dtype, self._callable = np.dtype(state["dtype"]), None
+        self._tiktoken, self._json, self._rust = state.get("tiktoken"), state.get("json"), None
+        if self._json is not None:
+            from tokenizers import Tokenizer
 
-        self.dtype, self._json, self._callable = np.dtype(state["dtype"]), state["json"], None
-        self._rust = Tokenizer.from_str(self._json)
+            self._rust = Tokenizer.from_str(self._json)
 
     def __call__(self, texts: list[str]) -> list[np.ndarray]:
+        if self._tiktoken is not None:
+            # allowed_special="all": the tokenizer's added tokens are cut out of the text, as `tokenizers` does
+            encode = self._tiktoken.encode_to_numpy
+            return [encode(t, allowed_special="all").astype(self.dtype, copy=False) for t in texts]
         if self._rust is not None:
             encodings = self._rust.encode_batch_fast(texts, add_special_tokens=False)
             return [np.asarray(e.ids, dtype=self.dtype) for e in encodings]
@@ -87,54 +109,69 @@ def _receive(stream) -> Any:
 
 
 def worker_main() -> None:
-    """A tokenizer process: read (job, texts), answer ("ok", job, ids) or ("error", job, text) until EOF."""
+    """A worker process: read a picklable callable, then answer each (job, argument) with ("ok", job, result)
+    or ("error", job, text) until EOF. The callable is an Encoder here and a unit writer in `prepare`."""
     inp, out = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # nothing but protocol messages may reach the pipe
-    encoder = _receive(inp)
+    task = _receive(inp)
     while (message := _receive(inp)) is not None:
-        job, texts = message
+        job, argument = message
         try:
-            reply = ("ok", job, encoder(texts))
-        except Exception as error:  # reported to the training process, which raises it with the record
+            reply = ("ok", job, task(argument))
+        except Exception as error:  # reported to the parent process, which raises it with the record
             reply = ("error", job, f"{type(error).__name__}: {error}")
         _send(out, reply)
 
 
+_STREAM_ADVICE = (
+    "check memory (the kernel kills the largest process when it runs out) and run again, or use "
+    "--dataloader_num_workers 0 to tokenize in the training process"
+)
+
+
 class _WorkerProcess:
-    def __init__(self, index: int, encoder: Encoder):
-        self.index = index
+    """One worker process running `task` on the arguments it is sent; `doing` and `advice` word its errors."""
+
+    def __init__(
+        self,
+        index: int,
+        task: Callable[[Any], Any],
+        *,
+        name: str = "data worker",
+        doing: str = "tokenizing the batch that starts at",
+        advice: str = _STREAM_ADVICE,
+    ):
+        self.index, self.name, self.doing, self.advice = index, name, doing, advice
         src = str(Path(__file__).resolve().parents[2])
         code = f"import sys; sys.path.insert(0, {src!r}); from gpt2_training.data.workers import worker_main; worker_main()"
         env = dict(os.environ)
-        # N workers each running the Rust tokenizer's own thread pool would oversubscribe the cores.
-        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        # One process, one core: N workers each running the Rust tokenizer's own thread pool would
+        # oversubscribe the cores (a user's TOKENIZERS_PARALLELISM=true, set to silence fork warnings, too).
+        env["TOKENIZERS_PARALLELISM"] = "false"
         self.proc = subprocess.Popen(
             [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
         )
         self.lock = threading.Lock()
-        _send(self.proc.stdin, encoder)
+        _send(self.proc.stdin, task)
 
-    def submit(self, job: int, texts: list[str]) -> None:
+    def submit(self, job: int, argument: Any) -> None:
         with self.lock:
-            _send(self.proc.stdin, (job, texts))
+            _send(self.proc.stdin, (job, argument))
 
-    def result(self, job: int, where: Callable[[], str]) -> list[np.ndarray]:
+    def result(self, job: int, where: Callable[[], str]) -> Any:
         reply = _receive(self.proc.stdout)
         if reply is None:
             code = self.proc.wait()
             cause = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
             raise DataError(
-                f"data worker {self.index} (pid {self.proc.pid}) {cause} while tokenizing the batch that starts "
-                f"at {where()}; check memory (the kernel kills the largest process when it runs out) and run "
-                "again, or use --dataloader_num_workers 0 to tokenize in the training process"
+                f"{self.name} {self.index} (pid {self.proc.pid}) {cause} while {self.doing} {where()}; "
+                f"{self.advice}"
             )
         status, got, payload = reply
         if status == "error":
-            raise DataError(
-                f"data worker {self.index} failed on the batch that starts at {where()}: {payload}"
-            )
+            raise DataError(f"{self.name} {self.index} failed {self.doing} {where()}: {payload}")
         if got != job:
-            raise DataError(f"data worker {self.index} answered job {got} instead of {job}")
+            raise DataError(f"{self.name} {self.index} answered job {got} instead of {job}")
         return payload
 
     def close(self) -> None:
