@@ -47,7 +47,7 @@ class Encoder:
     produce the same ids by construction. Tokenizers without a Rust backend are called as they are
     (in-process and threads only). `use_tiktoken=False` keeps the Rust path, for comparisons."""
 
-    def __init__(self, tokenizer: Any, dtype: Any, use_tiktoken: bool = True):
+    def __init__(self, tokenizer: Any, dtype: Any, *, use_tiktoken: bool = True):
         self.dtype = np.dtype(dtype)
         backend = getattr(tokenizer, "backend_tokenizer", None)
         self._json = backend.to_str() if backend is not None else None
