@@ -132,3 +132,17 @@ def wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None, po
             raise AssertionError(f"process exited with {proc.returncode} before the condition held:\n{out}")
         time.sleep(poll)
     raise AssertionError(f"condition not met within {timeout}s")
+
+
+def state_tensors(obj) -> list:
+    """Every tensor in a nested state dict, copied, in a fixed order (an FSDP shard as its full values): two
+    states are equal when these lists are. Also imported by driver scripts run with tests/ on PYTHONPATH."""
+    import torch
+
+    if torch.is_tensor(obj):
+        return [(obj.full_tensor() if hasattr(obj, "full_tensor") else obj).detach().clone()]
+    if isinstance(obj, dict):
+        return [t for k in sorted(obj, key=str) for t in state_tensors(obj[k])]
+    if isinstance(obj, list | tuple):
+        return [t for v in obj for t in state_tensors(v)]
+    return []

@@ -251,11 +251,11 @@ def test_nonfinite_steps_are_skipped_counted_logged_and_stop_the_run(tmp_path, e
     engine = Engine(parse_config(tiny_args(out, "--max_bad_steps", "3", max_steps=20, save_steps=100)))
     with pytest.raises(TrainingStopped, match="3 steps in a row had a non-finite loss"):
         engine.train()
-    assert engine.step == 4  # calls 1, 2, 5, 6 were good
-    assert engine.skipped == 2 + 3
-    assert engine.scheduler.last_epoch == engine.step
+    assert engine.state.step == 4  # calls 1, 2, 5, 6 were good
+    assert engine.state.skipped_steps == 2 + 3
+    assert engine.scheduler.last_epoch == engine.state.step
     adam_steps = {int(s["step"]) for s in engine.optimizer.state_dict()["state"].values()}
-    assert adam_steps == {engine.step}
+    assert adam_steps == {engine.state.step}
     assert all(torch.isfinite(p).all() for p in engine.lm.parameters())
     bad_records = [r for r in read_log(out) if r["event"] == "nonfinite"]
     assert [r["loss"] for r in bad_records] == ["nan"] * 5
@@ -648,7 +648,7 @@ def test_fp16_overflow_skips_keep_step_and_schedule_consistent(tmp_path, env, mo
     out = tmp_path / "run"
     engine = Engine(parse_config(tiny_args(out, precision="fp16", max_steps=5, save_steps=100)))
     engine.train()
-    assert engine.step == 5 and engine.skipped == 2
-    assert engine.scheduler.last_epoch == engine.step
+    assert engine.state.step == 5 and engine.state.skipped_steps == 2
+    assert engine.scheduler.last_epoch == engine.state.step
     assert [r["event"] for r in read_log(out)].count("fp16_overflow") == 2
     assert all(torch.isfinite(p).all() for p in engine.lm.parameters())

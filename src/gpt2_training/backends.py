@@ -12,9 +12,12 @@ The training loop calls only these methods, so it has no branch on the backend:
     norm = backend.clip(max_norm)                      # the global gradient norm, before clipping
     applied = backend.step() if finite else backend.skip()
 
-`save(folder)` / `load(folder)` write and read the weights and optimizer state in each backend's own format
-(sharded where the backend shards: every process writes its own part); `full_state_dict()` gathers the whole
-model for a Hugging Face save. The checkpoint layout around them belongs to `checkpoint.py`.
+`state_dict()` / `load_state_dict(state)` give and take the weights and optimizer state in each backend's own
+form: replicated (single process, DDP: the weights and the optimizer's state dict), `Sharded` (FSDP2: the
+`get_state_dict` result, which torch.distributed.checkpoint saves on N processes and loads on M) or `OwnFiles`
+(DeepSpeed, whose engine persists only through its own files); `full_state_dict()` gathers the whole model for
+a Hugging Face save. Which files they go to is `checkpoint.py`'s business alone. Every form loads on another
+number of processes than wrote it (DeepSpeed's through its universal checkpoint, see `DeepSpeedFiles.load`).
 
 Why FSDP2 and DeepSpeed are not driven through Accelerate: Accelerate switches to either only when a GPU is
 present (its `AcceleratorState` keeps a multi-CPU run as plain DDP), and its DeepSpeed wrapper steps the engine
@@ -35,9 +38,7 @@ import torch
 
 from .errors import CheckpointError, ConfigError
 
-OPTIMIZER_FILE = "optimizer.pt"
-FSDP_DIR = "dcp"
-DEEPSPEED_DIR = "deepspeed"
+# DeepSpeed's own name for its files inside the folder checkpoint.py hands it
 DEEPSPEED_TAG = "state"
 
 # fsdp_config keys (as TrainingArguments normalises them, "fsdp_" prefix removed) that this backend does not run
@@ -84,8 +85,6 @@ class Backend:
     name = "ddp"
     #: weights are partitioned across processes: generating text on one process alone is impossible
     shards_weights = False
-    #: a checkpoint written by N processes can be loaded by M != N
-    resumes_on_other_world_size = True
 
     def __init__(self, train_args, precision: str):
         self.t, self.precision = train_args, precision
@@ -155,26 +154,20 @@ class Backend:
         # the module itself, not Accelerate's get_state_dict: unwrapping imports DeepSpeed whenever it is installed
         return _strip(self.module.state_dict())
 
-    def save(self, folder: Path) -> None:
-        """Optimizer state (the weights are the checkpoint's model.safetensors); every process calls it."""
-        if self.is_main:
-            from .checkpoint import torch_save
+    def state_dict(self) -> dict[str, Any]:
+        """Replicated (the same on every process): the weights under Hugging Face names and the optimizer state."""
+        return {"model": self.full_state_dict(), "optimizer": self.optimizer.state_dict()}
 
-            torch_save(self.optimizer.state_dict(), folder / OPTIMIZER_FILE)
-
-    def load(self, folder: Path, saved_world: int) -> None:
-        """Restore what `save` wrote; `saved_world` is the number of processes that wrote it."""
-        from safetensors.torch import load_file
-
-        from .checkpoint import torch_load
-
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         lm = self.module.lm
-        missing, unexpected = lm.load_state_dict(load_file(folder / "model.safetensors"), strict=False)
+        missing, unexpected = lm.load_state_dict(state["model"], strict=False)
         # lm_head is tied to wte, so a Hugging Face save leaves it out
         if unexpected or [k for k in missing if k != "lm_head.weight"]:
-            raise CheckpointError(f"checkpoint {folder} does not fit this model (missing {missing[:3]})")
+            raise CheckpointError(
+                f"the checkpoint's weights do not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
         lm.tie_weights()
-        self.optimizer.load_state_dict(torch_load(folder / OPTIMIZER_FILE))
+        self.optimizer.load_state_dict(state["optimizer"])
 
 
 class FSDP2Backend(Backend):
@@ -235,30 +228,17 @@ class FSDP2Backend(Backend):
         )
         return _strip(sd)
 
-    def _state(self) -> dict:
+    def state_dict(self):
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
+        from .checkpoint import Sharded
+
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        return {"model": model_sd, "optim": optim_sd}
+        return Sharded(model=model_sd, optim=optim_sd)
 
-    def save(self, folder):
-        import torch.distributed.checkpoint as dcp
-
-        # every process writes its shard; torch.distributed.checkpoint reshards on load for any process count
-        dcp.save(self._state(), checkpoint_id=str(folder / FSDP_DIR))
-
-    def load(self, folder, saved_world):
-        import torch.distributed.checkpoint as dcp
+    def load_state_dict(self, state):
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
-        if not (folder / FSDP_DIR).is_dir():
-            raise CheckpointError(
-                f"checkpoint {folder} was not written under FSDP (no {FSDP_DIR}/ folder): resume it with the "
-                f"backend that wrote it, or start anew from its weights with --resume never --init_from {folder} "
-                "--output_dir <a new folder>"
-            )
-        state = self._state()
-        dcp.load(state, checkpoint_id=str(folder / FSDP_DIR))
         set_state_dict(
             self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
         )
@@ -286,10 +266,6 @@ class DeepSpeedBackend(Backend):
         self.ds_config = cfg
         self.stage = int((cfg.get("zero_optimization") or {}).get("stage", 0))
         self.shards_weights = self.stage == 3
-        # through DeepSpeed's universal checkpoint (see `load`); for ZeRO-3 its load (DeepSpeed 0.19.8) gave back
-        # other Adam moments for the second parameter group (no weight decay) than were saved, and other losses
-        # from the second resumed step on (observed 2 -> 1 here), so it is refused
-        self.resumes_on_other_world_size = self.stage in (1, 2)
 
     @property
     def accelerate_precision(self) -> str:
@@ -371,7 +347,30 @@ class DeepSpeedBackend(Backend):
             sd = {k: v.detach().clone().cpu() for k, v in self.module.state_dict().items()}
         return _strip(sd)
 
-    def save(self, folder):
+    def state_dict(self):
+        # DeepSpeed's engine persists only through its own save_checkpoint(dir) / load_checkpoint(dir): its files
+        # (one ZeRO partition per process, named and pickled its own way) are read back by the engine alone, so
+        # its state cannot be a dict that another writer saves. Its state is a handle instead, to which
+        # checkpoint.py hands the folder it names.
+        return DeepSpeedFiles(self)
+
+    def load_state_dict(self, state):
+        """Nothing left to do: `state.load(folder)` has restored the engine from its files."""
+        if not isinstance(state, DeepSpeedFiles) or state.backend is not self:
+            raise TypeError("a DeepSpeed backend loads only the DeepSpeedFiles its state_dict() returned")
+
+
+class DeepSpeedFiles:
+    """DeepSpeed's state as checkpoint.py sees it (`checkpoint.OwnFiles`): the engine writes and reads the folder."""
+
+    def __init__(self, backend: DeepSpeedBackend):
+        self.backend = backend
+
+    @property
+    def engine(self):
+        return self.backend.model
+
+    def save(self, folder: Path) -> None:
         from deepspeed.checkpoint.constants import (
             UNIVERSAL_CHECKPOINT_INFO,
             UNIVERSAL_CHECKPOINT_VERSION_KEY,
@@ -382,21 +381,17 @@ class DeepSpeedBackend(Backend):
         info = {
             UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}
         }
-        self.model.save_checkpoint(
-            str(folder / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, client_state=info, save_latest=False
-        )
+        self.engine.save_checkpoint(str(folder), tag=DEEPSPEED_TAG, client_state=info, save_latest=False)
 
-    def load(self, folder, saved_world):
-        state = folder / DEEPSPEED_DIR / DEEPSPEED_TAG
+    def load(self, folder: Path) -> None:
+        b = self.backend
+        state = folder / DEEPSPEED_TAG
         if not state.is_dir():
-            raise CheckpointError(
-                f"checkpoint {folder} was not written under DeepSpeed: resume it with the backend that wrote it, "
-                f"or start anew from its weights with --resume never --init_from {folder} "
-                "--output_dir <a new folder>"
-            )
+            raise CheckpointError(f"{folder} holds no DeepSpeed checkpoint ({DEEPSPEED_TAG}/ is missing)")
         _check_deepspeed_files(state)
-        if saved_world == self.world:
-            self._load_engine(folder / DEEPSPEED_DIR)
+        saved_world = len(list(state.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt")))
+        if saved_world == b.world:
+            self._load_engine(folder)
             return
         # ZeRO's optimizer partitions belong to the process count that wrote them; DeepSpeed's universal format
         # (one file per parameter and state) loads on any count, so the checkpoint is converted first, into a
@@ -405,8 +400,9 @@ class DeepSpeedBackend(Backend):
         import subprocess
         import sys
 
-        universal = folder.parent / f".universal-{folder.name}"
-        if self.is_main:
+        checkpoint = folder.parent
+        universal = checkpoint.with_name(f".universal-{checkpoint.name}")
+        if b.is_main:
             shutil.rmtree(universal, ignore_errors=True)
             cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(state)]
             cmd += ["--output_folder", str(universal / DEEPSPEED_TAG), "--num_extract_workers", "1"]
@@ -416,26 +412,47 @@ class DeepSpeedBackend(Backend):
             )
             if done.returncode != 0:
                 raise CheckpointError(
-                    f"could not convert {state} to DeepSpeed's universal format for {self.world} processes "
+                    f"could not convert {state} to DeepSpeed's universal format for {b.world} processes "
                     f"({done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}); "
                     f"resume with the {saved_world} processes that wrote it"
                 )
-        self.acc.wait_for_everyone()
-        self.model._config.load_universal_checkpoint = True
+        b.acc.wait_for_everyone()
+        self.engine._config.load_universal_checkpoint = True
         try:
-            self._load_engine(universal)
+            self._load_engine(universal, universal=True)
         finally:
-            self.model._config.load_universal_checkpoint = False
-            self.acc.wait_for_everyone()
-            if self.is_main:
+            self.engine._config.load_universal_checkpoint = False
+            b.acc.wait_for_everyone()
+            if b.is_main:
                 shutil.rmtree(universal, ignore_errors=True)
 
-    def _load_engine(self, load_dir: Path) -> None:
-        path, _ = self.model.load_checkpoint(
+    def _load_engine(self, load_dir: Path, universal: bool = False) -> None:
+        torch_optimizer = self.backend.torch_optimizer
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in torch_optimizer.param_groups]
+        path, _ = self.engine.load_checkpoint(
             str(load_dir), tag=DEEPSPEED_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
         )
         if path is None:
             raise CheckpointError(f"DeepSpeed could not load {load_dir}")
+        if universal and self.backend.stage == 3:
+            _repair_zero3_universal_load(self.engine.optimizer, settings)
+
+
+def _repair_zero3_universal_load(zero, settings: list[dict]) -> None:
+    """Put right two slips of DeepSpeed 0.19.8's ZeRO-3 universal load (`load_hp_checkpoint_state_from_checkpoint_
+    dir_stage3`), found resuming 2 -> 1 here (the losses left the uninterrupted run's from the second resumed
+    step on): it gives every parameter group the first group's hyperparameters, so biases and norms got weight
+    decay, and it gives all sub-groups one `step` tensor, which Adam then advances once per sub-group (a wrong
+    bias correction). The settings that differ between our groups are taken back from before the load (`settings`:
+    each group's, without its parameters), and each sub-group gets its own step."""
+    groups = zero.optimizer.param_groups
+    differ = {k for k in settings[0] if len({repr(s.get(k)) for s in settings}) > 1}
+    for group, before in zip(groups, settings, strict=True):
+        group.update({k: before[k] for k in differ})
+    for flat in zero.fp32_partitioned_groups_flat:
+        state = zero.optimizer.state[flat]
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
 
 
 def _ds_accelerator() -> str:

@@ -1,16 +1,21 @@
-"""Atomic checkpoints: written to a temporary folder, synced, then renamed, so a checkpoint exists whole or not.
-This module owns the layout; the engine hands it the state of each part (every part has `state_dict` /
-`load_state_dict`) and the backend writes its own model/optimizer files into the folder.
+"""Atomic checkpoints, and the one module that decides what a checkpoint holds and in which files. The engine
+hands `save` its stateful parts by name (each has `state_dict` / `load_state_dict`); `load` reads the files back
+and hands every part its state. A folder is written to a temporary name, synced, then renamed, so a checkpoint
+exists whole or not.
 
 A checkpoint folder `checkpoint-<step>` holds:
-    model.safetensors, config.json   the full model, loadable by `AutoModelForCausalLM.from_pretrained`
-    optimizer.pt                     single process / DDP: the optimizer state (replicated on every process)
-    dcp/                             FSDP: weights and optimizer, one shard file per process (torch.distributed
-                                     .checkpoint), loadable by any number of processes
-    deepspeed/state/                 DeepSpeed: the engine's files, one ZeRO optimizer partition per process
-    scheduler.pt                     learning-rate schedule and fp16 loss scaler
-    rank<r>.pt / rank<r>.json / .npz RNG states and the data position of every process
-    trainer_state.json               step, tokens seen, settings that must match to resume
+    model.safetensors, config.json   the full model ("model" part's `full_state_dict`), loadable by
+                                     `AutoModelForCausalLM.from_pretrained`
+    optimizer.pt                     a replicated model state (single process, DDP): its optimizer state; its
+                                     weights are model.safetensors
+    dcp/                             a `Sharded` model state (FSDP): weights and optimizer, one file per process
+                                     (torch.distributed.checkpoint), loadable by any number of processes
+    deepspeed/                       an `OwnFiles` model state (DeepSpeed): the folder its engine fills itself
+                                     (deepspeed/state/, one ZeRO optimizer partition per process)
+    scheduler.pt                     the "scheduler" and "scaler" (fp16 loss scale) parts
+    rank<r>.json / .npz / .pt        the per-process parts of process r: "data" (position: metadata in the JSON,
+                                     arrays in the .npz) and "rng" (Python's generator in the JSON, torch's in the .pt)
+    trainer_state.json               the "train_state" part: step, tokens seen, settings that must match to resume
     manifest.json                    size and SHA-256 of every file (sub-folders included): written last, checked
                                      on load
 
@@ -25,17 +30,20 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import os
 import random
 import re
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 _TMP_NAME = re.compile(r"^\.(checkpoint-\d+)\.tmp$")
@@ -262,64 +270,272 @@ def load_arrays(path: Path) -> dict[str, np.ndarray]:
         return {k: data[k] for k in data.files}
 
 
-# -- the run's own state (everything but the model and optimizer, which the backend writes) ----------------------
-TRAIN_STATE = "trainer_state.json"
-SCHEDULE = "scheduler.pt"
+# -- the layout: which part goes into which file -----------------------------------------------------------------
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+SHARDED_DIR = "dcp"
+OWN_FILES_DIR = "deepspeed"
+SCHEDULE_FILE = "scheduler.pt"
+TRAIN_STATE_FILE = "trainer_state.json"
+SCHEDULE_PARTS = ("scheduler", "scaler")
+# parts every process holds its own of: their states are keyed by rank, and loading hands each part every old
+# process's state, so that a run on another number of processes can redistribute them
+PER_PROCESS_PARTS = ("data", "rng")
+_RANK_FILE = re.compile(r"^rank(\d+)\.json$")
 
 
-def rng_state() -> dict:
-    """This process's random generators (dropout, and anything else seeded), as a state dict."""
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "python": random.getstate(),
+class Sharded(dict):
+    """A model state of which every process holds a part (FSDP's DTensors): all processes write it together with
+    torch.distributed.checkpoint, and any number of processes can read it back."""
+
+
+@runtime_checkable
+class OwnFiles(Protocol):
+    """The model state of a library that persists only through its own files (DeepSpeed's engine): checkpoint.py
+    names the folder, and the library writes or reads it."""
+
+    def save(self, folder: Path) -> None: ...
+
+    def load(self, folder: Path) -> None: ...
+
+
+def save(
+    output_dir: str | Path,
+    step: int,
+    parts: dict[str, Any],
+    lm: Any,
+    save_total_limit: int | None,
+    *,
+    is_main: bool = True,
+    barrier: Callable[[], Any] | None = None,
+    gather: Callable[[Any], list] | None = None,
+) -> Path:
+    """Checkpoint `checkpoint-<step>` of the stateful `parts` (named as in the module docstring; "scaler" may be
+    None), written atomically by `save_checkpoint`. `lm` is the Hugging Face model whose config goes with the
+    weights. A collective: with several processes every process calls it, with `barrier` and `gather` (which
+    returns every process's object, in rank order)."""
+    model = parts["model"]
+    model_state = model.state_dict()
+    replicated = not isinstance(model_state, (Sharded, OwnFiles))
+    # gathers shards onto every process under FSDP and ZeRO-3; a replicated state holds the weights already
+    weights = model_state["model"] if replicated else model.full_state_dict()
+    mine = {name: parts[name].state_dict() for name in PER_PROCESS_PARTS}
+    everyone = gather(mine) if gather is not None else [mine]
+    processes = {name: {r: s for st in everyone for r, s in st[name].items()} for name in PER_PROCESS_PARTS}
+    schedule = {
+        name: parts[name].state_dict() if parts.get(name) is not None else None for name in SCHEDULE_PARTS
     }
+    train_state = parts["train_state"].state_dict()
+
+    def write(tmp: Path) -> None:
+        if is_main:
+            save_hf_model(lm, tmp, weights)
+            if replicated:
+                torch_save(model_state["optimizer"], tmp / OPTIMIZER_FILE)
+            torch_save(schedule, tmp / SCHEDULE_FILE)
+            _write_processes(tmp, processes)
+            (tmp / TRAIN_STATE_FILE).write_text(json.dumps(train_state, indent=1, default=str))
+        if isinstance(model_state, Sharded):
+            import torch.distributed.checkpoint as dcp
+
+            dcp.save(model_state, checkpoint_id=str(tmp / SHARDED_DIR))
+        elif isinstance(model_state, OwnFiles):
+            model_state.save(tmp / OWN_FILES_DIR)
+
+    return save_checkpoint(output_dir, step, write, save_total_limit, is_main=is_main, barrier=barrier)
 
 
-def load_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    random.setstate(state["python"])
+def load(path: Path, parts: dict[str, Any]) -> None:
+    """Hand every part its state from checkpoint `path`. The train state goes first, so that settings a resume
+    cannot take are refused before any other part changes; the model state is read in the form the "model" part
+    asks for (its `state_dict()` is the template). A collective under FSDP and DeepSpeed."""
+    problem = verify(path)
+    if problem:
+        raise CheckpointError(f"checkpoint {path} is damaged ({problem}); pass an older one to --resume")
+    train_state = json.loads((path / TRAIN_STATE_FILE).read_text())
+    parts["train_state"].load_state_dict(train_state)
+
+    model = parts["model"]
+    template = model.state_dict()
+    if not (path / _location(template)).exists():
+        raise CheckpointError(
+            f"checkpoint {path} was written under {train_state.get('backend', 'another backend')}, this run uses "
+            f"{getattr(model, 'name', type(model).__name__)}: resume it with the backend that wrote it, or start "
+            f"anew from its weights with --resume never --init_from {path} --output_dir <a new folder>"
+        )
+    if isinstance(template, Sharded):
+        import torch.distributed.checkpoint as dcp
+
+        # fills the template's tensors in place, resharded for this number of processes
+        dcp.load(template, checkpoint_id=str(path / SHARDED_DIR))
+    elif isinstance(template, OwnFiles):
+        template.load(path / OWN_FILES_DIR)
+    else:
+        from safetensors.torch import load_file
+
+        template = {"model": load_file(path / MODEL_FILE), "optimizer": torch_load(path / OPTIMIZER_FILE)}
+    model.load_state_dict(template)
+
+    schedule = torch_load(path / SCHEDULE_FILE)
+    for name in SCHEDULE_PARTS:
+        if parts.get(name) is not None and schedule.get(name) is not None:
+            parts[name].load_state_dict(schedule[name])
+    processes = _read_processes(path)
+    for name in PER_PROCESS_PARTS:
+        parts[name].load_state_dict(processes[name])
 
 
-def write_run_state(folder: Path, train_state: dict, schedule: dict, rank_states: list[dict]) -> None:
-    """trainer_state.json, scheduler.pt and, for every process r, rank<r>.json/.npz/.pt.
+def _location(model_state: Any) -> str:
+    """The file or folder a model state of this form is saved to."""
+    if isinstance(model_state, Sharded):
+        return SHARDED_DIR
+    if isinstance(model_state, OwnFiles):
+        return OWN_FILES_DIR
+    return OPTIMIZER_FILE
 
-    `rank_states[r]` is {"data": the data stream's (meta, arrays) state, "rng": rng_state()} of process r."""
-    for r, st in enumerate(rank_states):
-        meta, arrays = st["data"]
-        py = st["rng"]["python"]
+
+def _write_processes(folder: Path, processes: dict[str, dict[int, Any]]) -> None:
+    for r in sorted(processes["data"]):
+        meta, arrays = processes["data"][r]
+        rng = processes["rng"][r]
+        py = rng["python"]
         (folder / f"rank{r}.json").write_text(
             json.dumps({"data": meta, "python_rng": [py[0], list(py[1]), py[2]]})
         )
         save_arrays(arrays, folder / f"rank{r}.npz")
-        torch_save({"torch_rng": st["rng"]["torch"], "cuda_rng": st["rng"]["cuda"]}, folder / f"rank{r}.pt")
-    torch_save(schedule, folder / SCHEDULE)
-    (folder / TRAIN_STATE).write_text(json.dumps(train_state, indent=1, default=str))
+        torch_save({"torch_rng": rng["torch"], "cuda_rng": rng["cuda"]}, folder / f"rank{r}.pt")
 
 
-def read_run_state(folder: Path) -> tuple[dict, dict, list[dict]]:
-    """(train_state, schedule, rank_states) as written by `write_run_state`, for every process of the run
-    that wrote it (so a run on another number of processes can redistribute the data position)."""
-    train_state = json.loads((folder / TRAIN_STATE).read_text())
-    schedule = torch_load(folder / SCHEDULE)
-    ranks = []
-    for r in range(int(train_state["fingerprint"]["world_size"])):
+def _read_processes(folder: Path) -> dict[str, dict[int, Any]]:
+    ranks = sorted(int(m.group(1)) for p in folder.iterdir() if (m := _RANK_FILE.match(p.name)))
+    if not ranks or ranks != list(range(len(ranks))):
+        raise CheckpointError(
+            f"checkpoint {folder} lacks the state of some processes (found ranks {ranks}); pass an older one to --resume"
+        )
+    processes: dict[str, dict[int, Any]] = {name: {} for name in PER_PROCESS_PARTS}
+    for r in ranks:
         info = json.loads((folder / f"rank{r}.json").read_text())
         rng = torch_load(folder / f"rank{r}.pt")
         py = info["python_rng"]
-        ranks.append(
-            {
-                "data": (info["data"], load_arrays(folder / f"rank{r}.npz")),
-                "rng": {
-                    "torch": rng["torch_rng"],
-                    "cuda": rng["cuda_rng"],
-                    "python": (py[0], tuple(py[1]), py[2]),
-                },
+        processes["data"][r] = (info["data"], load_arrays(folder / f"rank{r}.npz"))
+        processes["rng"][r] = {
+            "torch": rng["torch_rng"],
+            "cuda": rng["cuda_rng"],
+            "python": (py[0], tuple(py[1]), py[2]),
+        }
+    return processes
+
+
+# -- the run's own stateful parts ----------------------------------------------------------------------------------
+@dataclass
+class TrainState:
+    """Where the run stands (optimizer steps, tokens seen, steps skipped as non-finite or fp16 overflows) and what
+    a resume must not change (`fingerprint`: model shape, tokenizer, data, batch split; see
+    `check_resume_compatible`). Loading a state this run cannot continue is refused."""
+
+    fingerprint: dict
+    backend: str = "ddp"
+    settings: dict = field(default_factory=dict)
+    allow_changes: bool = False
+    step: int = 0
+    tokens_seen: int = 0
+    skipped_steps: int = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "skipped_steps": self.skipped_steps,
+            "fingerprint": self.fingerprint,
+            "backend": self.backend,
+            "settings": self.settings,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        check_resume_compatible(state["fingerprint"], self.fingerprint, self.allow_changes)
+        self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
+        self.skipped_steps = int(state["skipped_steps"])
+
+
+class RNGState:
+    """This process's random generators (dropout, and anything else seeded), keyed by rank. On another number of
+    processes, process r continues the generators of old process r modulo the old count."""
+
+    def __init__(self, rank: int = 0):
+        self.rank = rank
+
+    def state_dict(self) -> dict[int, dict]:
+        return {
+            self.rank: {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "python": random.getstate(),
             }
+        }
+
+    def load_state_dict(self, states: dict[int, dict]) -> None:
+        state = states[self.rank % len(states)]
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        random.setstate(state["python"])
+
+
+class DataPosition:
+    """A data stream's position, keyed by rank. On another number of processes `data.restore_stream` maps every
+    old process's position onto this process's stream (see data/restore.py for what is exact)."""
+
+    def __init__(self, stream: Any, rank: int = 0):
+        self.stream, self.rank = stream, rank
+
+    def state_dict(self) -> dict[int, tuple[dict, dict[str, np.ndarray]]]:
+        return {self.rank: self.stream.state_dict()}
+
+    def load_state_dict(self, states: dict[int, tuple[dict, dict[str, np.ndarray]]]) -> None:
+        from .data import restore_stream
+
+        restore_stream(self.stream, [states[r] for r in range(len(states))], len(states))
+
+
+SAFE_TO_CHANGE = {"per_device_train_batch_size", "gradient_accumulation_steps"}
+# how the global batch is split: free to change while the global batch (their product) stays the same
+BATCH_SPLIT = ("world_size", "per_device_train_batch_size", "gradient_accumulation_steps")
+
+
+def _global_batch(fp: dict) -> int:
+    return math.prod(int(fp.get(k) or 1) for k in BATCH_SPLIT)
+
+
+def check_resume_compatible(saved: dict, current: dict, allow_changes: bool) -> None:
+    same_batch = _global_batch(saved) == _global_batch(current)
+
+    def differs(k: str) -> bool:
+        if saved.get(k) == current[k] or (k in BATCH_SPLIT and same_batch):
+            return False
+        # another process count with the same per-process batch changes the global batch: allowed on request
+        return not (k == "world_size" and allow_changes)
+
+    diffs = [
+        f"{k}: checkpoint has {saved.get(k)!r}, this run has {current[k]!r}" for k in current if differs(k)
+    ]
+    if allow_changes:
+        diffs = [d for d in diffs if d.split(":")[0] not in SAFE_TO_CHANGE]
+    if diffs:
+        hint = (
+            " (--allow_resume_changes permits a different batch size or accumulation)"
+            if not allow_changes and any(d.split(":")[0] in SAFE_TO_CHANGE for d in diffs)
+            else ""
         )
-    return train_state, schedule, ranks
+        if any(d.startswith("world_size:") for d in diffs):
+            g, n = _global_batch(saved), int(current["world_size"])
+            hint += (
+                f" (on {n} processes the same global batch of {g} sequences needs per_device_train_batch_size x "
+                f"gradient_accumulation_steps = {g / n:g}; --allow_resume_changes accepts another global batch)"
+            )
+        raise ConfigError(
+            [f"cannot resume: {d}" for d in diffs]
+            + [f"restore the original settings, or start a new run with --resume never{hint}"]
+        )
 
 
 def save_hf_model(lm, folder: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:

@@ -38,8 +38,8 @@ from . import checkpoint as ckpt
 from . import progress
 from .backends import make_backend
 from .config import Config, model_shape, validate
-from .data import resolve_tokenizer, restore_stream, train_stream, validation_sequences
-from .errors import CheckpointError, ConfigError, TrainingStopped
+from .data import resolve_tokenizer, train_stream, validation_sequences
+from .errors import ConfigError, TrainingStopped
 from .hub import check_push_to_hub, push_folder
 from .metrics import bits_per_byte, describe_mfu, flops_per_token, token_byte_lengths, unigram_byte_entropy
 from .model import CausalLMWithLoss, build_model, enable_activation_checkpointing
@@ -120,45 +120,6 @@ def hash_vocab(vocab: dict[str, int]) -> str:
 
     items = sorted(vocab.items(), key=lambda kv: kv[1])
     return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
-
-
-SAFE_TO_CHANGE = {"per_device_train_batch_size", "gradient_accumulation_steps"}
-# how the global batch is split: free to change while the global batch (their product) stays the same
-BATCH_SPLIT = ("world_size", "per_device_train_batch_size", "gradient_accumulation_steps")
-
-
-def _global_batch(fp: dict) -> int:
-    return math.prod(int(fp.get(k) or 1) for k in BATCH_SPLIT)
-
-
-def check_resume_compatible(saved: dict, current: dict, allow_changes: bool) -> None:
-    same_batch = _global_batch(saved) == _global_batch(current)
-
-    def differs(k: str) -> bool:
-        if saved.get(k) == current[k] or (k in BATCH_SPLIT and same_batch):
-            return False
-        # another process count with the same per-process batch changes the global batch: allowed on request
-        return not (k == "world_size" and allow_changes)
-
-    diffs = [f"{k}: checkpoint has {saved.get(k)!r}, this run has {current[k]!r}" for k in current if differs(k)]
-    if allow_changes:
-        diffs = [d for d in diffs if d.split(":")[0] not in SAFE_TO_CHANGE]
-    if diffs:
-        hint = (
-            " (--allow_resume_changes permits a different batch size or accumulation)"
-            if not allow_changes and any(d.split(":")[0] in SAFE_TO_CHANGE for d in diffs)
-            else ""
-        )
-        if any(d.startswith("world_size:") for d in diffs):
-            g, n = _global_batch(saved), int(current["world_size"])
-            hint += (
-                f" (on {n} processes the same global batch of {g} sequences needs per_device_train_batch_size x "
-                f"gradient_accumulation_steps = {g / n:g}; --allow_resume_changes accepts another global batch)"
-            )
-        raise ConfigError(
-            [f"cannot resume: {d}" for d in diffs]
-            + [f"restore the original settings, or start a new run with --resume never{hint}"]
-        )
 
 
 class Engine:
@@ -262,10 +223,15 @@ class Engine:
         )
         self.val_seqs = validation_sequences(cfg.data, self.tokenizer, data_seed)
         self.token_bytes = token_byte_lengths(self.tokenizer)
-        self.fingerprint = _fingerprint(cfg, self.tokenizer, self.world)
+        fingerprint = _fingerprint(cfg, self.tokenizer, self.world)
         # saved data positions depend on the source's shards and on how text is held out
-        self.fingerprint["data_stream"] = self.train_data.fingerprint()
-        self.step, self.tokens_seen, self.skipped, self.bad_in_a_row = 0, 0, 0, 0
+        fingerprint["data_stream"] = self.train_data.fingerprint()
+        self.state = ckpt.TrainState(
+            fingerprint, self.backend.name, cfg.to_dict(), allow_changes=cfg.run.allow_resume_changes
+        )
+        self.rng = ckpt.RNGState(self.rank)
+        self.data_position = ckpt.DataPosition(self.train_data, self.rank)
+        self.bad_in_a_row = 0
         self.saved_state: tuple[int, int] | None = None  # (step, tokens_seen) of the newest checkpoint
         self.saved_path: Path | None = None
         self.reporter = Reporter(
@@ -279,72 +245,46 @@ class Engine:
         )
 
     # -- checkpoints --------------------------------------------------------------------------------------------
-    def save(self) -> Path | None:
+    def _parts(self) -> dict[str, Any]:
+        """Every stateful part of the run, under the name checkpoint.py files it by."""
+        return {
+            "train_state": self.state,
+            # weights and optimizer, replicated or sharded as the backend holds them
+            "model": self.backend,
+            "scheduler": self.scheduler,
+            # fp16's loss scale (None otherwise)
+            "scaler": self.acc.scaler,
+            "data": self.data_position,
+            "rng": self.rng,
+        }
+
+    def save(self) -> Path:
         """A checkpoint of every stateful part; a collective (every process writes its own part into it)."""
-        mine = {"data": self.train_data.state_dict(), "rng": ckpt.rng_state()}
-        states = gather_object([mine]) if self.world > 1 else [mine]
-        weights = self.backend.full_state_dict()
-        train_state = {
-            "step": self.step,
-            "tokens_seen": self.tokens_seen,
-            "skipped_steps": self.skipped,
-            "fingerprint": self.fingerprint,
-            "backend": self.backend.name,
-            "settings": self.cfg.to_dict(),
-        }
-        schedule = {
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.acc.scaler.state_dict() if self.acc.scaler is not None else None,
-        }
-
-        def write(tmp: Path) -> None:
-            if self.is_main:
-                ckpt.save_hf_model(self.lm, tmp, weights)
-                ckpt.write_run_state(tmp, train_state, schedule, states)
-            self.backend.save(tmp)
-
-        barrier = self.acc.wait_for_everyone if self.world > 1 else None
-        path = ckpt.save_checkpoint(
-            self.out, self.step, write, self.cfg.train.save_total_limit, is_main=self.is_main, barrier=barrier
+        several = self.world > 1
+        path = ckpt.save(
+            self.out,
+            self.state.step,
+            self._parts(),
+            self.lm,
+            self.cfg.train.save_total_limit,
+            is_main=self.is_main,
+            barrier=self.acc.wait_for_everyone if several else None,
+            gather=(lambda obj: gather_object([obj])) if several else None,
         )
-        self.saved_state, self.saved_path = (self.step, self.tokens_seen), path
+        self.saved_state, self.saved_path = (self.state.step, self.state.tokens_seen), path
         return path
 
     def save_if_changed(self) -> Path | None:
         """Save unless the newest checkpoint already holds this exact state (same step and data position),
         e.g. on a signal right after a periodic save: rewriting it would only cost time."""
-        if self.saved_state != (self.step, self.tokens_seen):
+        if self.saved_state != (self.state.step, self.state.tokens_seen):
             self.save()
         return self.saved_path
 
     def load(self, path: Path) -> None:
-        problem = ckpt.verify(path)
-        if problem:
-            raise CheckpointError(f"checkpoint {path} is damaged ({problem}); pass an older one to --resume")
-        state, schedule, ranks = ckpt.read_run_state(path)
-        check_resume_compatible(state["fingerprint"], self.fingerprint, self.cfg.run.allow_resume_changes)
-        saved_world = len(ranks)
-        if saved_world != self.world and not self.backend.resumes_on_other_world_size:
-            raise CheckpointError(
-                f"cannot resume {path} on {self.world} processes under {self.backend.name}: it was written by "
-                f"{saved_world} and its optimizer partitions are tied to that number. Resume with "
-                f"{saved_world} processes, or start anew from its weights with --resume never --init_from {path} "
-                "--output_dir <a new folder>"
-            )
-        self.backend.load(path, saved_world)
-        self.scheduler.load_state_dict(schedule["scheduler"])
-        if schedule["scaler"] is not None and self.acc.scaler is not None:
-            self.acc.scaler.load_state_dict(schedule["scaler"])
-        # every old process's data position, mapped onto this process (the same one when the count is unchanged)
-        restore_stream(self.train_data, [r["data"] for r in ranks], saved_world)
-        # a new process (more than before) continues the generators of the one it replaces modulo the old count
-        ckpt.load_rng_state(ranks[self.rank % saved_world]["rng"])
-        self.step, self.tokens_seen, self.skipped = (
-            state["step"],
-            state["tokens_seen"],
-            state["skipped_steps"],
-        )
-        self.saved_state, self.saved_path = (self.step, self.tokens_seen), path
+        """Every stateful part from checkpoint `path`, on this run's number of processes."""
+        ckpt.load(path, self._parts())
+        self.saved_state, self.saved_path = (self.state.step, self.state.tokens_seen), path
 
     # -- evaluation and samples ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -465,7 +405,11 @@ class Engine:
                 f"model: {self.n_params / 1e6:.2f} M parameters ({cfg.model.preset}), precision {self.precision} "
                 f"({self.precision_reason}); effective batch {B * A * self.world} sequences = {tokens_per_step} "
                 f"tokens per step ({B} per device x {A} accumulation x {self.world} processes)"
-                + (f"; resuming from {self.resume_path} at step {self.step}" if self.resume_path else ""),
+                + (
+                    f"; resuming from {self.resume_path} at step {self.state.step}"
+                    if self.resume_path
+                    else ""
+                ),
                 flush=True,
             )
             if t.run_name:
@@ -488,9 +432,9 @@ class Engine:
         run_tokens, run_time = 0, 0.0
         self.model.train()
         stopped = False
-        self.bar = progress_bar(t, self.step, enabled=self.is_main)
+        self.bar = progress_bar(t, self.state.step, enabled=self.is_main)
         with self.signals, self.bar or contextlib.nullcontext():
-            while self.step < t.max_steps:
+            while self.state.step < t.max_steps:
                 if stopped := self._stop_requested():  # a SIGTERM/SIGINT: stop here, between two steps
                     break
                 t0 = time.perf_counter()
@@ -507,17 +451,17 @@ class Engine:
                 if self.world > 1:
                     loss_val = self.acc.reduce(loss_val, reduction="mean")
                 loss_f, norm_f = float(loss_val), self.backend.clip(max_norm)
-                self.tokens_seen += tokens_per_step
+                self.state.tokens_seen += tokens_per_step
                 if not (math.isfinite(loss_f) and math.isfinite(norm_f)) and not self._fp16_overflow(loss_f):
                     self._skip_step(loss_f, norm_f, res)
                     continue
                 if not self.backend.step():  # fp16 overflow: the loss scaler lowered its scale
-                    self.skipped += 1
+                    self.state.skipped_steps += 1
                     scale = self.acc.scaler.get_scale() if self.acc.scaler is not None else None
-                    self._log({"event": "fp16_overflow", "step": self.step, "scale": scale})
+                    self._log({"event": "fp16_overflow", "step": self.state.step, "scale": scale})
                     continue
                 self.scheduler.step()
-                self.step += 1
+                self.state.step += 1
                 self.bad_in_a_row = 0
                 res.losses.append(loss_f)
                 if self.acc.device.type == "cuda":
@@ -529,33 +473,41 @@ class Engine:
                 if self.bar is not None:
                     self.bar.update(1)
                     self.bar.set_postfix(loss=f"{loss_f:.3f}", tok_s=f"{res.tokens_per_s:,.0f}", refresh=False)
-                first = t.logging_first_step and self.step == 1 and t.logging_strategy != "no"
-                if first or log_every and (self.step % log_every == 0 or self.step == t.max_steps):
+                first = t.logging_first_step and self.state.step == 1 and t.logging_strategy != "no"
+                if (
+                    first
+                    or log_every
+                    and (self.state.step % log_every == 0 or self.state.step == t.max_steps)
+                ):
                     tps = window_tokens / max(window_time, 1e-9)
                     mfu, _ = describe_mfu(tps, flops_tok, self.precision)
                     rec = {
                         "event": "train",
-                        "step": self.step,
+                        "step": self.state.step,
                         "loss": loss_f,
                         "grad_norm": norm_f,
                         "lr": self.scheduler.get_last_lr()[0],
-                        "tokens_seen": self.tokens_seen,
+                        "tokens_seen": self.state.tokens_seen,
                         "tokens_per_s": tps,
                     }
                     if mfu is not None:
                         rec["mfu"] = mfu
                     self._log(rec)
                     window_tokens, window_time = 0, 0.0
-                if eval_every and self.step % eval_every == 0 and self.step < t.max_steps:
+                if eval_every and self.state.step % eval_every == 0 and self.state.step < t.max_steps:
                     ev = self.evaluate()
                     if ev is not None:  # None: interrupted by a signal, which the loop condition handles
-                        res.evals.append({"step": self.step, **ev})
-                        self._log({"event": "eval", "step": self.step, **ev})
+                        res.evals.append({"step": self.state.step, **ev})
+                        self._log({"event": "eval", "step": self.state.step, **ev})
                         if self.is_main and cfg.run.sample_prompts and not self.sharded:
                             self._log(
-                                {"event": "sample", "step": self.step, "text": self.sample(self.step)[0]}
+                                {
+                                    "event": "sample",
+                                    "step": self.state.step,
+                                    "text": self.sample(self.state.step)[0],
+                                }
                             )
-                if save_every and self.step % save_every == 0:
+                if save_every and self.state.step % save_every == 0:
                     self.save()
             if self.bar is not None:
                 self.bar.close()
@@ -569,16 +521,16 @@ class Engine:
     def _skip_step(self, loss_f: float, norm_f: float, res: TrainResult) -> None:
         # gradients dropped, weights and optimizer untouched (under DeepSpeed by the engine's own skip)
         self.backend.skip()
-        self.skipped += 1
+        self.state.skipped_steps += 1
         self.bad_in_a_row += 1
-        res.skipped_steps = self.skipped
+        res.skipped_steps = self.state.skipped_steps
         self._log(
             {
                 "event": "nonfinite",
-                "step": self.step,
+                "step": self.state.step,
                 "loss": loss_f,
                 "grad_norm": norm_f,
-                "skipped_total": self.skipped,
+                "skipped_total": self.state.skipped_steps,
                 "in_a_row": self.bad_in_a_row,
             }
         )
@@ -593,7 +545,11 @@ class Engine:
     def _finish(self, res: TrainResult, stopped: bool) -> TrainResult:
         """Final checkpoint, evaluation, samples and model; on a signal (`stopped`, or one arriving during the
         final evaluation) only the checkpoint, then the exit status 128 + signal number."""
-        res.step, res.tokens_seen, res.skipped_steps = self.step, self.tokens_seen, self.skipped
+        res.step, res.tokens_seen, res.skipped_steps = (
+            self.state.step,
+            self.state.tokens_seen,
+            self.state.skipped_steps,
+        )
         res.data_stats = dict(self.train_data.stats)
         if not stopped and self.cfg.train.save_strategy != "no" and self.cfg.train.save_steps:
             self.save_if_changed()  # the final step is always resumable (and extendable with a larger --max_steps)
@@ -606,7 +562,7 @@ class Engine:
                 print(f"received signal {signum}: saved {path}; run the same command to resume", flush=True)
             self.reporter.close()
             return res
-        self._log({"event": "eval", "step": self.step, **res.final_eval})
+        self._log({"event": "eval", "step": self.state.step, **res.final_eval})
         full_weights = None
         if self.cfg.run.save_final_model and self.sharded:  # a collective: every process takes part
             full_weights = self.backend.full_state_dict()
@@ -615,13 +571,13 @@ class Engine:
                 res.samples = self.sample(seed=self.cfg.train.seed)
             for s in res.samples:
                 # into the log only: the end-of-run summary prints each sample once
-                self.reporter.log({"event": "sample", "step": self.step, "text": s})
+                self.reporter.log({"event": "sample", "step": self.state.step, "text": s})
             if self.cfg.run.save_final_model:
                 res.final_model_dir = str(self._save_final(res, full_weights))
                 if self.hub_repo:
                     url = push_folder(res.final_model_dir, self.hub_repo, self.cfg.train.hub_private_repo)
                     print(f"pushed {res.final_model_dir} to {url}", flush=True)
-            self._log({"event": "data", "step": self.step, **res.data_stats})
+            self._log({"event": "data", "step": self.state.step, **res.data_stats})
             if self.cfg.run.plot:
                 plot_loss_curve(
                     self.reporter.history,
