@@ -120,6 +120,13 @@ def _amp_step(forward, params, opt, precision: str, device: torch.device, max_no
     return step
 
 
+def _time_step(a, device, forward, params, opt, precision: str) -> tuple[float, float]:
+    """`_timed` over `_amp_step` on one random micro-batch of GPT-2 token ids."""
+    step = _amp_step(forward, params, opt, precision, device)
+    x = torch.randint(0, GPT2_VOCAB, (a.micro_batch, a.seq_len), device=device)
+    return _timed(lambda: step(x), device, a.warmup, a.steps)
+
+
 def _step_row(name: str, what: str, a, shape, precision, mem, n_params, timing, compiled) -> dict:
     """The result row of a model-step measurement: `timing` is `_timed`'s (seconds, warm-up seconds)."""
     secs, warm = timing
@@ -161,11 +168,14 @@ def run_seed(a, device, shape) -> dict:
         lm.config.use_cache = False
         lm.train()
         opt = torch.optim.AdamW(lm.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1)
-        step = _amp_step(
-            lambda x: lm(input_ids=x, labels=x, use_cache=False).loss, lm.parameters(), opt, precision, device
+        timing = _time_step(
+            a,
+            device,
+            lambda x: lm(input_ids=x, labels=x, use_cache=False).loss,
+            lm.parameters(),
+            opt,
+            precision,
         )
-        x = torch.randint(0, GPT2_VOCAB, (a.micro_batch, a.seq_len), device=device)
-        timing = _timed(lambda: step(x), device, a.warmup, a.steps)
     n = sum(p.numel() for p in lm.parameters())
     what = f"HF GPT2LMHeadModel, eager attn, checkpointing, dropout 0.1, vocab 50257, HF loss, AdamW, {precision}"
     return _step_row("seed", what, a, shape, precision, mem, n, timing, compiled=False)
@@ -196,11 +206,8 @@ def run_recipe(a, device, shape) -> dict:
                 adam_epsilon=1e-8,
             ),
         )
-        step = _amp_step(
-            torch.compile(model) if compile_ else model, model.parameters(), opt, precision, device
-        )
-        x = torch.randint(0, GPT2_VOCAB, (a.micro_batch, a.seq_len), device=device)
-        timing = _timed(lambda: step(x), device, a.warmup, a.steps)
+        fwd = torch.compile(model) if compile_ else model
+        timing = _time_step(a, device, fwd, model.parameters(), opt, precision)
     n, vocab = sum(p.numel() for p in lm.parameters()), lm.config.vocab_size
     _reset_compile()
     what = (
@@ -221,11 +228,8 @@ def run_reference(a, device, shape) -> dict:
     with PeakMemory(device) as mem:
         model = ReferenceGPT(vocab_size=GPT2_VOCAB, **shape).to(device).train()
         opt = model.optimizer(fused=True)
-        step = _amp_step(
-            torch.compile(model) if compile_ else model, model.parameters(), opt, precision, device
-        )
-        x = torch.randint(0, GPT2_VOCAB, (a.micro_batch, a.seq_len), device=device)
-        timing = _timed(lambda: step(x), device, a.warmup, a.steps)
+        fwd = torch.compile(model) if compile_ else model
+        timing = _time_step(a, device, fwd, model.parameters(), opt, precision)
     n = sum(p.numel() for p in model.parameters())
     _reset_compile()
     what = (
