@@ -224,6 +224,25 @@ def test_signal_saves_a_checkpoint_and_exits_with_128_plus_signal(tmp_path, env,
 
 
 # -- 7. non-finite loss guard ----------------------------------------------------------------------------------
+def _fault_training_forwards(monkeypatch, fault) -> dict:
+    """Patch the wrapped model's forward so that training forward number n (from 1) returns fault(n, loss);
+    evaluation runs through the same module and is left alone. Returns the counter (reset it with ["n"] = 0)."""
+    from gpt2_training.model import CausalLMWithLoss
+
+    calls = {"n": 0}
+    real_forward = CausalLMWithLoss.forward
+
+    def forward(self, input_ids):
+        loss = real_forward(self, input_ids)
+        if not self.lm.training:
+            return loss
+        calls["n"] += 1
+        return fault(calls["n"], loss)
+
+    monkeypatch.setattr(CausalLMWithLoss, "forward", forward)
+    return calls
+
+
 def test_nonfinite_steps_are_skipped_counted_logged_and_stop_the_run(tmp_path, env, monkeypatch, capsys):
     """A NaN loss (and so NaN gradients) is caught before the optimizer step: the step is skipped and counted,
     the log shows "nan" (not a masked number), the weights stay finite, the scheduler has stepped exactly as
@@ -231,22 +250,10 @@ def test_nonfinite_steps_are_skipped_counted_logged_and_stop_the_run(tmp_path, e
     (exit status 3 from the CLI) and a message saying what to change."""
     from gpt2_training.cli import parse_config, run
     from gpt2_training.errors import TrainingStopped
-    from gpt2_training.model import CausalLMWithLoss
     from gpt2_training.trainer import Engine
 
-    calls = {"n": 0}
     bad = {3, 4} | set(range(7, 100))  # forward calls (= steps here) 3-4: NaN, then good, then NaN for good
-    real_forward = CausalLMWithLoss.forward
-
-    def forward(self, input_ids):
-        loss = real_forward(self, input_ids)
-        # training forwards only: evaluation runs through the same wrapped model
-        if not self.lm.training:
-            return loss
-        calls["n"] += 1
-        return loss * float("nan") if calls["n"] in bad else loss
-
-    monkeypatch.setattr(CausalLMWithLoss, "forward", forward)
+    calls = _fault_training_forwards(monkeypatch, lambda n, loss: loss * float("nan") if n in bad else loss)
     out = tmp_path / "run"
     engine = Engine(parse_config(tiny_args(out, "--max_bad_steps", "3", max_steps=20, save_steps=100)))
     with pytest.raises(TrainingStopped, match="3 steps in a row had a non-finite loss"):
@@ -629,22 +636,10 @@ def test_fp16_overflow_skips_keep_step_and_schedule_consistent(tmp_path, env, mo
     """Under fp16 an inf gradient with a finite loss is the loss scaler's business: the optimizer step is skipped,
     counted and logged, the scale is lowered, and neither the step counter nor the schedule advances."""
     from gpt2_training.cli import parse_config
-    from gpt2_training.model import CausalLMWithLoss
     from gpt2_training.trainer import Engine
 
-    calls = {"n": 0}
-    real_forward = CausalLMWithLoss.forward
-
-    def forward(self, input_ids):
-        loss = real_forward(self, input_ids)
-        # training forwards only: evaluation runs through the same wrapped model
-        if not self.lm.training:
-            return loss
-        calls["n"] += 1
-        # overflows fp16 gradients, the loss stays a finite fp32
-        return loss * 1e30 if calls["n"] in (2, 3) else loss
-
-    monkeypatch.setattr(CausalLMWithLoss, "forward", forward)
+    # overflows fp16 gradients, the loss stays a finite fp32
+    _fault_training_forwards(monkeypatch, lambda n, loss: loss * 1e30 if n in (2, 3) else loss)
     out = tmp_path / "run"
     engine = Engine(parse_config(tiny_args(out, precision="fp16", max_steps=5, save_steps=100)))
     engine.train()
