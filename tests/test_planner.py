@@ -9,7 +9,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from gpt2_training.cli import main as cli_main
 from gpt2_training.config import PRESETS
-from gpt2_training.model import CausalLMWithLoss
+from gpt2_training.model import CausalLMWithLoss, enable_activation_checkpointing
 from gpt2_training.planner import (
     GIB,
     activation_bytes,
@@ -79,7 +79,7 @@ def test_activations_match_saved_tensors(precision, checkpointing):
     cfg = _config("tiny", 512)
     lm = GPT2LMHeadModel(cfg).train()
     if checkpointing:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(lm)
     params = {p.untyped_storage().data_ptr() for p in lm.parameters()}
     saved: dict[int, int] = {}
 

@@ -32,6 +32,7 @@ fp32 weights, gradients and states and gathers about two layers at a time.
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
 from dataclasses import asdict, dataclass, field, replace
 
@@ -426,23 +427,9 @@ def _divisors_desc(n: int) -> list[int]:
     return [k for k in range(n - 1, 0, -1) if n % k == 0]
 
 
-def advise(
-    config: GPT2Config | str = "gpt2-small",
-    micro_batch: int = 16,
-    seq_len: int | None = None,
-    precision: str = "bf16",
-    gradient_checkpointing: bool = False,
-    optimizer: str = "adamw",
-    zero_stage: int = 0,
-    fsdp: bool = False,
-    num_gpus: int = 1,
-    loss_impl: str = "chunked",
-    *,
-    gpu_memory_gib: float,
-    grad_accum: int = 1,
-    **kwargs,
-) -> Advice:
+def advise(config: GPT2Config | str = "gpt2-small", *, gpu_memory_gib: float, **settings) -> Advice:
     """Does it fit a GPU of `gpu_memory_gib`? If not, the cheapest change (in throughput) that makes it fit.
+    `settings` are `plan_memory`'s keyword arguments, with its defaults.
 
     Changes are tried in order of cost, each keeping the effective batch (micro_batch x accumulation):
       1. a smaller micro-batch with more gradient accumulation (largest micro-batch that fits);
@@ -450,20 +437,10 @@ def advise(
       3. the 8-bit AdamW (bitsandbytes), again with the largest micro-batch that fits;
       4. with num_gpus > 1: ZeRO-1, ZeRO-2, ZeRO-3/FSDP (more communication), same search.
     """
-    base = dict(
-        config=config,
-        micro_batch=micro_batch,
-        seq_len=seq_len,
-        precision=precision,
-        gradient_checkpointing=gradient_checkpointing,
-        optimizer=optimizer,
-        zero_stage=zero_stage,
-        fsdp=fsdp,
-        num_gpus=num_gpus,
-        loss_impl=loss_impl,
-        grad_accum=grad_accum,
-        **kwargs,
-    )
+    bound = inspect.signature(plan_memory).bind(config, **settings)
+    bound.apply_defaults()
+    base = dict(bound.arguments)
+    micro_batch, grad_accum, num_gpus = base["micro_batch"], base["grad_accum"], base["num_gpus"]
     plan = plan_memory(**base)
     advice = Advice(fits_as_is=fits(plan, gpu_memory_gib), plan=plan, gpu_memory_gib=gpu_memory_gib)
     if advice.fits_as_is:
@@ -471,9 +448,9 @@ def advise(
 
     effective = micro_batch * grad_accum
 
-    def with_micro_batches(settings: dict, label: str) -> tuple[dict, MemoryPlan, str] | None:
-        for mb in [settings["micro_batch"], *_divisors_desc(settings["micro_batch"])]:
-            s = dict(settings, micro_batch=mb, grad_accum=effective // mb)
+    def with_micro_batches(candidate: dict, label: str) -> tuple[dict, MemoryPlan, str] | None:
+        for mb in [candidate["micro_batch"], *_divisors_desc(candidate["micro_batch"])]:
+            s = dict(candidate, micro_batch=mb, grad_accum=effective // mb)
             p = plan_memory(**s)
             if fits(p, gpu_memory_gib):
                 parts = [label] if label else []
@@ -487,22 +464,22 @@ def advise(
         return None
 
     stages: list[tuple[dict, str]] = [(base, "")]
-    if not gradient_checkpointing:
+    if not base["gradient_checkpointing"]:
         stages.append((dict(base, gradient_checkpointing=True), "--gradient_checkpointing"))
-    if OPTIMIZERS.get(optimizer) != "adamw_8bit":
+    if OPTIMIZERS.get(base["optimizer"]) != "adamw_8bit":
         last = stages[-1][0]
         label = " + ".join(x for x in (stages[-1][1], "--optim adamw_bnb_8bit") if x)
         stages.append((dict(last, optimizer="adamw_8bit"), label))
     if num_gpus > 1:
         last, label = stages[-1]
-        for z in range(max(zero_stage, 0) + 1, 4):
+        for z in range(max(base["zero_stage"], 0) + 1, 4):
             stages.append(
                 (
                     dict(last, zero_stage=z, fsdp=False),
                     " + ".join(x for x in (label, f"DeepSpeed ZeRO-{z} across {num_gpus} GPUs") if x),
                 )
             )
-        if not fsdp:
+        if not base["fsdp"]:
             stages.append(
                 (
                     dict(last, zero_stage=0, fsdp=True),
