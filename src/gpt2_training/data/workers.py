@@ -4,12 +4,12 @@ training step and N tokenizer processes encode them; the stream packs the result
 Processes or threads (`worker_backend`, measured side by side in bench/bench_workers.py): on the 2-core test
 machine, shared with other jobs, 2 tokenizer threads out-ran 2 processes in the stream alone (they skip the
 pickling), and the engine's step time was the same within that machine's noise. Processes are the default
-because the Rust tokenizer releases the GIL only while it encodes, and turning encodings into id arrays holds
+because the tokenizer (tiktoken or Rust) releases the GIL only while it encodes, and making id arrays holds
 it: N threads would share one GIL with the training loop, where processes scale with the cores, and a process
 that crashes or is killed (out of memory) is reported with its exit status instead of taking the run with it.
 Each worker is a plain child process started with this package's interpreter (`python -c`), so it imports only
-numpy and the tokenizer's library (not torch), starts in a fraction of a second, and exits when its input pipe closes,
-i.e. when the training process dies. Messages are length-prefixed pickles over the child's stdin/stdout.
+numpy and the tokenizer's library (not torch), starts in a fraction of a second, and exits when its input pipe
+closes, i.e. when the training process dies. Messages are length-prefixed pickles over the child's stdin/stdout.
 
 A worker that raises reports the error text, and a worker that dies closes its pipe: either becomes a
 DataError naming the cause and the batch's first record (file and offset). Nothing waits forever.
