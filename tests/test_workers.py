@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -125,6 +126,20 @@ def _swap_two_merges(spec: dict) -> None:
 def test_tokenizers_where_tiktoken_could_differ_keep_the_rust_path(tokenizer, edit):
     assert tiktoken_encoding(tokenizer.backend_tokenizer.to_str()) is not None
     assert tiktoken_encoding(_edited(tokenizer, edit)) is None
+
+
+def test_without_tiktoken_installed_the_rust_tokenizer_encodes_the_same_ids(tokenizer, monkeypatch):
+    texts = DOCS[:20] + EDGE_CASES
+    want = [a.tolist() for a in Encoder(tokenizer, np.uint16)(texts)]
+    tiktoken_encoding.cache_clear()
+    # None in sys.modules makes `import tiktoken` raise ImportError, as on a machine without it
+    monkeypatch.setitem(sys.modules, "tiktoken", None)
+    try:
+        encoder = Encoder(tokenizer, np.uint16)
+        assert encoder.engine == "tokenizers"
+        assert [a.tolist() for a in encoder(texts)] == want
+    finally:
+        tiktoken_encoding.cache_clear()
 
 
 def test_a_tokenizer_with_a_normalizer_is_encoded_by_rust_with_its_own_ids(tokenizer):
