@@ -156,3 +156,23 @@ def test_killed_prepare_resumes_and_never_looks_complete(tmp_path, env):
     assert again.returncode == 0, again.stdout + again.stderr
     assert "prepare: resuming" in again.stdout
     assert folder_bytes(out) == folder_bytes(tmp_path / "straight")
+
+
+def test_out_inside_the_dataset_folder_is_refused_and_the_suggested_out_works(tmp_path, monkeypatch):
+    """A folder source is searched recursively, so shards written inside it would come back as documents: the
+    command is refused before any work, and the --out its message suggests prepares the same data."""
+    from gpt2_training.cli import prepare_main
+    from gpt2_training.errors import ConfigError
+
+    monkeypatch.setenv("GPT2_TRAINING_CACHE", str(tmp_path / "cache"))
+    data = write(tmp_path / "d", 2)
+    args = ["--dataset", str(data), "--tokenizer", "train", "--tokenizer_vocab_size", "300"]
+    with pytest.raises(ConfigError, match=r"inside the dataset folder .* --out (\S+)$") as refused:
+        prepare_main([*args, "--out", str(data / "shards")])
+    assert not (data / "shards").exists() and not list(data.glob(".*"))
+    suggested = str(refused.value).rsplit("--out ", 1)[1]
+    meta = prepare_main([*args, "--out", suggested])
+    assert Path(suggested).parent == tmp_path and (Path(suggested) / "meta.json").exists()
+    assert meta["documents"]["train"] + meta["documents"]["validation"] == sum(
+        len(f.read_text().splitlines()) for f in data.iterdir()
+    )

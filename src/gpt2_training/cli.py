@@ -117,6 +117,20 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def _refuse_out_inside_source(dataset: str, out: str) -> None:
+    """A local source folder is searched recursively, so shards (and the unfinished work beside them) written
+    inside it would be read back as documents by the processes that reopen the source."""
+    kind, _, rest = dataset.partition(":")
+    local = {"hf-json": rest, "hf-parquet": rest, "hf-text": rest, "deeplake": rest, "file": rest[2:]}
+    folder = Path(local.get(kind, dataset))
+    folder = folder.expanduser().resolve()
+    if folder.is_dir() and Path(out).expanduser().resolve().is_relative_to(folder):
+        raise ConfigError(
+            f"--out {out} is inside the dataset folder {folder}, where the shards would be read as data: "
+            f"choose an --out outside it, e.g. --out {folder.parent / (folder.name + '-shards')}"
+        )
+
+
 def prepare_main(argv: list[str]) -> dict:
     """`train.py prepare --dataset SRC --out DIR [--num_proc N]`: tokenize a source once into memory-mappable
     shards, with N processes (the same bytes for every N), resumable after a kill."""
@@ -135,6 +149,7 @@ def prepare_main(argv: list[str]) -> dict:
 
     if rest.num_proc < 1:
         raise ConfigError(f"--num_proc must be 1 or more, got {rest.num_proc}")
+    _refuse_out_inside_source(data.dataset, rest.out)
     tokenizer = resolve_tokenizer(data, seed=rest.seed)
     src = source_from_args(data, rest.seed)
     meta = prepare_shards(
