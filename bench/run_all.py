@@ -46,7 +46,8 @@ def main(argv=None) -> dict:
     if a.device == "cpu" or (a.device == "auto" and not torch.cuda.is_available()):
         # One intra-op thread: on a small shared CPU, OpenMP threads waiting for a descheduled sibling make tiny
         # steps 10-30x slower at random, which swamps the engine-vs-raw comparison. Recorded in the results.
-        train_args += ["--threads", "1"]
+        # and 9 interleaved engine/raw pairs: single pairs on a shared 2-core machine vary by about +-5%
+        train_args += ["--threads", "1", "--repeats", "9"]
     data_args = ["--out", str(tmp / "data.json")]
     if a.quick:
         train_args += [
