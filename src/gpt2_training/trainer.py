@@ -190,7 +190,9 @@ class Engine:
             self.tokenizer = resolve_tokenizer(cfg.data, seed=t.seed)
         vocab = len(self.tokenizer)
         # num_train_epochs becomes a step count here, before the schedule is built from it.
-        t.max_steps, self.steps_note = resolve_max_steps(cfg, self.tokenizer, self.acc.num_processes, self.epochs_set)
+        t.max_steps, self.steps_note = resolve_max_steps(
+            cfg, self.tokenizer, self.acc.num_processes, self.epochs_set
+        )
         self.lm = build_model(cfg.model, vocab, self.tokenizer.eos_token_id)
         if self.lm.config.vocab_size < vocab:
             raise ConfigError(f"tokenizer has {vocab} tokens but the model only {self.lm.config.vocab_size}")
@@ -201,7 +203,8 @@ class Engine:
         # activation_checkpointing(_kwargs): TrainingArguments fields added after transformers 5.17
         if getattr(t, "activation_checkpointing", False) or t.gradient_checkpointing:
             enable_activation_checkpointing(
-                self.lm, getattr(t, "activation_checkpointing_kwargs", None) or t.gradient_checkpointing_kwargs
+                self.lm,
+                getattr(t, "activation_checkpointing_kwargs", None) or t.gradient_checkpointing_kwargs,
             )
         self.lm.config.use_cache = False
         self.lm.to(self.acc.device)
@@ -472,7 +475,9 @@ class Engine:
                 res.tokens_per_s = run_tokens / max(run_time, 1e-9)
                 if self.bar is not None:
                     self.bar.update(1)
-                    self.bar.set_postfix(loss=f"{loss_f:.3f}", tok_s=f"{res.tokens_per_s:,.0f}", refresh=False)
+                    self.bar.set_postfix(
+                        loss=f"{loss_f:.3f}", tok_s=f"{res.tokens_per_s:,.0f}", refresh=False
+                    )
                 first = t.logging_first_step and self.state.step == 1 and t.logging_strategy != "no"
                 if (
                     first
@@ -614,7 +619,13 @@ def _interval(strategy: Any, steps: float | None, max_steps: int) -> int:
 
 
 def progress_bar(
-    args: Any, initial: int, enabled: bool, *, total: int | None = None, desc: str = "train", delay: float = 0.0
+    args: Any,
+    initial: int,
+    enabled: bool,
+    *,
+    total: int | None = None,
+    desc: str = "train",
+    delay: float = 0.0,
 ) -> Any:
     """The training bar (step / max_steps, ETA, loss, tokens/s), or an evaluation's; see progress.py."""
     return progress.bar(
