@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -195,6 +196,42 @@ def test_a_killed_worker_is_an_error_naming_signal_and_record(folder, tokenizer)
         for _ in range(10_000):
             next(s)
     assert time.monotonic() - start < 30
+
+
+def _running(pid: int) -> bool:
+    """The process exists and is not a zombie (an exited orphan may wait for a reaper that never comes)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
+def test_a_worker_busy_with_a_long_job_exits_when_its_parent_is_killed(tmp_path):
+    """SIGKILL the process that started a worker while the worker is inside a 60 s job: the worker exits within
+    seconds instead of finishing the job (a killed `prepare` must not leave cores busy)."""
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    parent_code = (
+        f"import sys, time; sys.path.insert(0, {src!r})\n"
+        "from gpt2_training.data.workers import _WorkerProcess\n"
+        "w = _WorkerProcess(0, time.sleep)\n"
+        "w.submit(0, 60)\n"
+        "print(w.proc.pid, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", parent_code], stdout=subprocess.PIPE, text=True)
+    try:
+        worker = int(parent.stdout.readline())
+        time.sleep(1.0)  # the worker has started the job
+        assert _running(worker)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while _running(worker) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _running(worker), "the worker outlived its killed parent"
+    finally:
+        parent.kill()
 
 
 def test_a_failing_worker_reports_the_error_and_record(tokenizer):

@@ -9,7 +9,7 @@ it: N threads would share one GIL with the training loop, where processes scale 
 that crashes or is killed (out of memory) is reported with its exit status instead of taking the run with it.
 Each worker is a plain child process started with this package's interpreter (`python -c`), so it imports only
 numpy and the tokenizer's library (not torch), starts in a fraction of a second, and exits when its input pipe
-closes, i.e. when the training process dies. Messages are length-prefixed pickles over the child's stdin/stdout.
+closes or, in the middle of a job, within half a second of the process that started it dying. Messages are length-prefixed pickles over the child's stdin/stdout.
 
 A worker that raises reports the error text, and a worker that dies closes its pipe: either becomes a
 DataError naming the cause and the batch's first record (file and offset). Nothing waits forever.
@@ -24,6 +24,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -108,9 +109,25 @@ def _receive(stream) -> Any:
     return pickle.loads(data) if len(data) == n else None
 
 
-def worker_main() -> None:
+def _exit_with(parent: int) -> None:
+    """End this process as soon as `parent` is gone. EOF on the input pipe ends the worker only between jobs, and
+    one job can be long (a unit of `prepare`): without this, a killed `prepare` would leave its workers burning
+    cores until they finish. Polling the parent id works whichever thread started the worker."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(_POLL_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def worker_main(parent: int | None = None) -> None:
     """A worker process: read a picklable callable, then answer each (job, argument) with ("ok", job, result)
-    or ("error", job, text) until EOF. The callable is an Encoder here and a unit writer in `prepare`."""
+    or ("error", job, text) until EOF. The callable is an Encoder here and a unit writer in `prepare`. With
+    `parent` (the process id of the process that started it) it also exits as soon as that process dies."""
+    if parent is not None:
+        _exit_with(parent)
     inp, out = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # nothing but protocol messages may reach the pipe
     task = _receive(inp)
@@ -143,7 +160,10 @@ class _WorkerProcess:
     ):
         self.index, self.name, self.doing, self.advice = index, name, doing, advice
         src = str(Path(__file__).resolve().parents[2])
-        code = f"import sys; sys.path.insert(0, {src!r}); from gpt2_training.data.workers import worker_main; worker_main()"
+        code = (
+            f"import sys; sys.path.insert(0, {src!r}); from gpt2_training.data.workers import worker_main; "
+            f"worker_main({os.getpid()})"
+        )
         env = dict(os.environ)
         # One process, one core: N workers each running the Rust tokenizer's own thread pool would
         # oversubscribe the cores (a user's TOKENIZERS_PARALLELISM=true, set to silence fork warnings, too).
