@@ -237,7 +237,7 @@ class _OwnFiles:
 
 
 class _EngineModel(_Model):
-    name = "deepspeed"
+    name = "deepspeed ZeRO-3"
 
     def __init__(self, lm):
         super().__init__(lm)
@@ -254,7 +254,7 @@ class _EngineModel(_Model):
 def test_a_self_saving_state_gets_a_folder_named_here_and_a_foreign_layout_is_refused(tmp_path):
     parts = _parts(seed=1)
     parts["model"] = _EngineModel(parts["model"].lm)
-    parts["train_state"].backend = "deepspeed"
+    parts["train_state"].backend = "deepspeed ZeRO-3"
     path = ckpt.save(tmp_path, 4, parts, parts["model"].lm, None)
     assert parts["model"].files.saved_to == tmp_path / ".checkpoint-4.tmp" / "deepspeed"
     manifest = json.loads((path / "manifest.json").read_text())["files"]
@@ -268,8 +268,17 @@ def test_a_self_saving_state_gets_a_folder_named_here_and_a_foreign_layout_is_re
     plain = _parts(seed=2)
     with pytest.raises(CheckpointError) as err:
         ckpt.load(path, plain)
-    assert "was written under deepspeed, this run uses ddp" in str(err.value)
+    assert "was written under deepspeed ZeRO-3, this run uses ddp" in str(err.value)
     assert f"--resume never --init_from {path} --output_dir <a new folder>" in str(err.value)
+    # the same layout written by another ZeRO stage: its partitions do not fit, refused the same way
+    other_stage = _parts(seed=3)
+    other_stage["model"] = _EngineModel(other_stage["model"].lm)
+    other_stage["model"].name = other_stage["train_state"].backend = "deepspeed ZeRO-2"
+    with pytest.raises(
+        CheckpointError, match="written under deepspeed ZeRO-3, this run uses deepspeed ZeRO-2"
+    ):
+        ckpt.load(path, other_stage)
+    assert other_stage["model"].loaded is None and other_stage["model"].files.loaded_from is None
 
 
 def test_hugging_face_save_loads_with_tied_weights(tmp_path):

@@ -531,7 +531,7 @@ def test_a_checkpoint_of_another_backend_is_refused_with_a_fix_that_works(shards
     )
     assert proc.returncode != 0
     err = proc.stdout + proc.stderr
-    assert "was written under deepspeed, this run uses ddp" in err, err[-3000:]
+    assert "was written under deepspeed ZeRO-3, this run uses ddp" in err, err[-3000:]
     assert "--resume never --init_from" in err and "--output_dir <a new folder>" in err
     new = tmp_path / "from-weights"
     follow = [*args, "--resume", "never", "--init_from", str(out / "checkpoint-6"), "--output_dir", str(new)]

@@ -270,6 +270,8 @@ class DeepSpeedBackend(Backend):
         self.ds_config = cfg
         self.stage = int((cfg.get("zero_optimization") or {}).get("stage", 0))
         self.shards_weights = self.stage == 3
+        # ZeRO stages partition the optimizer (and at 3 the weights) differently: a checkpoint names its stage
+        self.name = f"deepspeed ZeRO-{self.stage}"
 
     @property
     def accelerate_precision(self) -> str:

@@ -357,11 +357,15 @@ def load(path: Path, parts: dict[str, Any]) -> None:
 
     model = parts["model"]
     template = model.state_dict()
-    if not (path / _location(template)).exists():
+    written, uses = (
+        train_state.get("backend", "another backend"),
+        getattr(model, "name", type(model).__name__),
+    )
+    if written != uses or not (path / _location(template)).exists():
         raise CheckpointError(
-            f"checkpoint {path} was written under {train_state.get('backend', 'another backend')}, this run uses "
-            f"{getattr(model, 'name', type(model).__name__)}: resume it with the backend that wrote it, or start "
-            f"anew from its weights with --resume never --init_from {path} --output_dir <a new folder>"
+            f"checkpoint {path} was written under {written}, this run uses {uses}: resume it with the backend "
+            f"that wrote it, or start anew from its weights with --resume never --init_from {path} "
+            "--output_dir <a new folder>"
         )
     if isinstance(template, Sharded):
         import torch.distributed.checkpoint as dcp
