@@ -202,3 +202,16 @@ def test_poetry_check_lock():
         timeout=120,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("ruff") is None, reason="ruff is in the dev group (make install)"
+)
+def test_code_passes_the_linter_and_formatter():
+    """`make lint`'s two checks over the Makefile's LINT_PATHS, so that `make test` (what CI runs) catches drift."""
+    paths = re.search(r"^LINT_PATHS := (.+)$", (ROOT / "Makefile").read_text(), re.M).group(1).split()
+    for check in (["check"], ["format", "--check"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "ruff", *check, *paths], cwd=ROOT, capture_output=True, text=True
+        )
+        assert done.returncode == 0, f"ruff {' '.join(check)}:\n{done.stdout}{done.stderr}"
