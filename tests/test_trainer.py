@@ -70,6 +70,16 @@ def test_strategies_no(tmp_path, env):
     assert not list(out.glob("checkpoint-*"))
 
 
+def test_sample_max_new_tokens_0_means_no_samples_and_negative_is_refused(tmp_path, env):
+    out = tmp_path / "run"
+    argv = tiny_args(out, eval_steps=3, sample_max_new_tokens=0)
+    result = train(parse_config(argv))
+    assert result.samples == [] and "sample" not in [r["event"] for r in read_log(out)]
+    assert (out / "final" / "model.safetensors").exists()
+    with pytest.raises(ConfigError, match="sample_max_new_tokens must be >= 0"):
+        train(parse_config(tiny_args(tmp_path / "neg", sample_max_new_tokens=-1)))
+
+
 def test_logging_first_step(tmp_path, env):
     out = tmp_path / "run"
     train(parse_config(tiny_args(out, "--logging_first_step", "true", logging_steps=5, save_steps=0)))

@@ -145,7 +145,9 @@ class RunArguments:
         default_factory=lambda: ["The", "A function that"],
         metadata={"help": "Prompts for the samples generated at each evaluation and at the end."},
     )
-    sample_max_new_tokens: int = field(default=40, metadata={"help": "Tokens generated per sample."})
+    sample_max_new_tokens: int = field(
+        default=40, metadata={"help": "Tokens generated per sample (0: no samples)."}
+    )
     logging_dir: str | None = field(
         default=None, metadata={"help": "TensorBoard folder (default: output_dir/tensorboard)."}
     )
@@ -372,6 +374,8 @@ def validate(cfg: Config, *, cuda_available: bool, bf16_ok: bool) -> None:
         problems.append("precision=bf16 is not supported on this hardware: use fp16 (older GPUs) or fp32")
     if r.max_bad_steps < 1:
         problems.append("max_bad_steps must be >= 1")
+    if r.sample_max_new_tokens < 0:
+        problems.append("sample_max_new_tokens must be >= 0 (0: no samples)")
     if r.resume not in ("auto", "never") and not Path(r.resume).exists():
         problems.append(f"resume={r.resume!r}: no such checkpoint; use 'auto', 'never' or an existing path")
     if r.overwrite_output_dir and r.resume != "never":

@@ -336,6 +336,12 @@ class Engine:
             "eval_bpb": bits_per_byte(nats, n_bytes),
         }
 
+    @property
+    def samples_wanted(self) -> bool:
+        """Prompts and tokens to generate, and a model that one process can run (not under ZeRO-3 or FSDP)."""
+        r = self.cfg.run
+        return bool(r.sample_prompts) and r.sample_max_new_tokens > 0 and not self.sharded
+
     @torch.no_grad()
     def sample(self, seed: int = 0) -> list[str]:
         """Text from the configured prompts; the RNG is forked so sampling never changes the training run."""
@@ -504,7 +510,7 @@ class Engine:
                     if ev is not None:  # None: interrupted by a signal, which the loop condition handles
                         res.evals.append({"step": self.state.step, **ev})
                         self._log({"event": "eval", "step": self.state.step, **ev})
-                        if self.is_main and cfg.run.sample_prompts and not self.sharded:
+                        if self.is_main and self.samples_wanted:
                             self._log(
                                 {
                                     "event": "sample",
@@ -572,16 +578,17 @@ class Engine:
         if self.cfg.run.save_final_model and self.sharded:  # a collective: every process takes part
             full_weights = self.backend.full_state_dict()
         if self.is_main:
-            if not self.sharded:
-                res.samples = self.sample(seed=self.cfg.train.seed)
-            for s in res.samples:
-                # into the log only: the end-of-run summary prints each sample once
-                self.reporter.log({"event": "sample", "step": self.state.step, "text": s})
             if self.cfg.run.save_final_model:
                 res.final_model_dir = str(self._save_final(res, full_weights))
                 if self.hub_repo:
                     url = push_folder(res.final_model_dir, self.hub_repo, self.cfg.train.hub_private_repo)
                     print(f"pushed {res.final_model_dir} to {url}", flush=True)
+            # after the model is saved: nothing that goes wrong while generating can cost it
+            if self.samples_wanted:
+                res.samples = self.sample(seed=self.cfg.train.seed)
+            for s in res.samples:
+                # into the log only: the end-of-run summary prints each sample once
+                self.reporter.log({"event": "sample", "step": self.state.step, "text": s})
             self._log({"event": "data", "step": self.state.step, **res.data_stats})
             if self.cfg.run.plot:
                 plot_loss_curve(
