@@ -358,6 +358,15 @@ def validate(cfg: Config, *, cuda_available: bool, bf16_ok: bool) -> None:
         problems.append("gradient_accumulation_steps must be >= 1")
     if t.per_device_train_batch_size < 1:
         problems.append("per_device_train_batch_size must be >= 1")
+    if t.per_device_eval_batch_size < 1:
+        problems.append("per_device_eval_batch_size must be >= 1")
+    if d.eval_max_sequences < 1:
+        problems.append("eval_max_sequences must be >= 1 (to skip evaluation: --eval_strategy no)")
+    for name in ("seed", "data_seed"):
+        if getattr(t, name) is not None and getattr(t, name) < 0:
+            problems.append(f"{name} must be >= 0 (numpy's generators take no negative seed)")
+    if t.weight_decay < 0:
+        problems.append("weight_decay must be >= 0 (0: none)")
     if t.max_steps <= 0 and not t.num_train_epochs > 0:
         problems.append("set --max_steps N (> 0), or --num_train_epochs E (> 0) for a corpus of known size")
     if t.learning_rate <= 0:
