@@ -322,7 +322,10 @@ def validate(cfg: Config, *, cuda_available: bool, bf16_ok: bool) -> None:
     if m.preset not in PRESETS:
         problems.append(f"unknown preset {m.preset!r}: choose one of {', '.join(PRESETS)}")
     shape = model_shape(m)
-    if shape["n_embd"] % shape["n_head"]:
+    too_small = [f"{k}={shape[k]}" for k in ("n_layer", "n_head", "n_embd", "n_positions") if shape[k] < 1]
+    if too_small:
+        problems.append(f"{', '.join(too_small)}: n_layer, n_head, n_embd and n_positions must each be >= 1")
+    elif shape["n_embd"] % shape["n_head"]:
         problems.append(
             f"n_embd={shape['n_embd']} is not divisible by n_head={shape['n_head']}: each head gets "
             f"n_embd/n_head dimensions, so pick e.g. n_head={_divisor_near(shape['n_embd'], shape['n_head'])}"
@@ -367,6 +370,16 @@ def validate(cfg: Config, *, cuda_available: bool, bf16_ok: bool) -> None:
             problems.append(f"{name} must be >= 0 (numpy's generators take no negative seed)")
     if t.weight_decay < 0:
         problems.append("weight_decay must be >= 0 (0: none)")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0.0 <= getattr(t, name) < 1.0:
+            problems.append(f"{name}={getattr(t, name)} must be in [0, 1)")
+    if t.adam_epsilon < 0:
+        problems.append("adam_epsilon must be >= 0")
+    for name in ("logging_steps", "eval_steps", "save_steps"):
+        if (getattr(t, name) or 0) < 0:
+            problems.append(f"{name} must be >= 0 (below 1: a fraction of the run; 0: never)")
+    if d.shuffle_buffer < 0:
+        problems.append("shuffle_buffer must be >= 0 (0: no shuffling)")
     if t.max_steps <= 0 and not t.num_train_epochs > 0:
         problems.append("set --max_steps N (> 0), or --num_train_epochs E (> 0) for a corpus of known size")
     if t.learning_rate <= 0:
