@@ -195,3 +195,20 @@ def test_prediction_close_to_measured_on_gpu():
     measured = measure_peak_memory("mini", 8, 256, "bf16")["peak_allocated"]
     predicted = plan_memory("mini", 8, 256, "bf16").peak
     assert 0.6 < measured / predicted < 1.15
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--micro_batch", "0"], "micro_batch must be >= 1"),
+        (["--num_gpus", "0"], "num_gpus must be >= 1"),
+        (["--zero_stage", "2", "--fsdp"], "choose ZeRO (DeepSpeed) or FSDP, not both"),
+        (["--gpu_memory_gib", "0"], "gpu_memory_gib must be > 0"),
+    ],
+)
+def test_plan_refuses_impossible_settings_with_one_line_and_status_2(argv, message, capsys):
+    from gpt2_training.cli import run
+
+    assert run(["plan", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: train.py plan: ") and message in err and "\n" not in err

@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass, field, replace
 from transformers import GPT2Config
 
 from .config import PRESETS
+from .errors import ConfigError
 from .model import count_parameters, padded_vocab_size
 
 GIB = 1 << 30
@@ -306,6 +307,11 @@ def plan_memory(
     seq_len = seq_len or cfg.n_positions
     if precision not in DTYPE_BYTES:
         raise ValueError(f"precision {precision!r}: use bf16, fp16 or fp32")
+    for what, value in (("micro_batch", micro_batch), ("seq_len", seq_len), ("grad_accum", grad_accum)):
+        if value < 1:
+            raise ValueError(f"{what} must be >= 1, got {value}")
+    if num_gpus < 1:
+        raise ValueError(f"num_gpus must be >= 1, got {num_gpus}")
     if not 0 <= zero_stage <= 3:
         raise ValueError("zero_stage must be 0, 1, 2 or 3")
     if zero_stage and fsdp:
@@ -314,7 +320,7 @@ def plan_memory(
         raise ValueError("loss_impl must be 'chunked' or 'hf'")
     opt = _norm_optimizer(optimizer)
     s = DTYPE_BYTES[precision]
-    n_gpus = max(int(num_gpus), 1)
+    n_gpus = int(num_gpus)
     shapes = parameter_shapes(cfg)
     P = sum(n for _, n in shapes)
     block_params = sum(n for k, n in shapes if k.startswith("h."))
@@ -604,7 +610,13 @@ def main(argv: list[str] | None = None) -> dict:
         grad_accum=a.grad_accum,
         attn_impl=a.attn_impl,
     )
-    plan = plan_memory(**kw)
+    try:
+        plan = plan_memory(**kw)
+        if a.gpu_memory_gib is not None and a.gpu_memory_gib <= 0:
+            raise ValueError(f"gpu_memory_gib must be > 0, got {a.gpu_memory_gib}")
+    except ValueError as exc:
+        # a one-line error with exit status 2, as for every other bad setting of train.py
+        raise ConfigError(f"train.py plan: {exc}") from exc
     if isinstance(config, GPT2Config):
         plan = replace(plan, model=a.preset)
     print(plan.table())
