@@ -74,3 +74,23 @@ def test_cli(capsys):
         ["estimate", "--n_params", "1e8", "--tokens", "1e9", "--tokens_per_s_per_gpu", "1e5", "--gpus", "2"]
     )
     assert out["tokens_per_s"] == 2e5 and out["seconds"] == pytest.approx(5000)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--tokens", "9e9", "--tokens_per_s", "0"], "tokens_per_s must be > 0, got 0"),
+        (["--tokens", "-1", "--tokens_per_s", "1000"], "tokens must be > 0, got -1"),
+        (["--tokens", "9e9", "--tokens_per_s", "1000", "--gpus", "0"], "num_gpus must be >= 1, got 0"),
+        (
+            ["--tokens", "9e9", "--tokens_per_s", "1000", "--price_per_gpu_hour", "-2"],
+            "price_per_gpu_hour must be >= 0, got -2",
+        ),
+    ],
+)
+def test_estimate_refuses_impossible_numbers_with_one_line_and_status_2(argv, message, capsys):
+    from gpt2_training.cli import run
+
+    assert run(["estimate", "--preset", "gpt2-small", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: train.py estimate: ") and message in err and "\n" not in err

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict, dataclass
 
+from .errors import ConfigError
 from .metrics import flops_per_token
 from .model import count_parameters
 from .planner import resolve_config
@@ -93,8 +94,17 @@ def estimate(
 ) -> Estimate:
     """Wall-clock time, GPU-hours and cost to train `model` (preset name or parameter count) on `tokens` at a
     measured whole-job throughput of `tokens_per_s` on `num_gpus` GPUs."""
-    if tokens <= 0 or tokens_per_s <= 0 or num_gpus < 1:
-        raise ValueError("tokens and tokens_per_s must be > 0 and num_gpus >= 1")
+    problems = [
+        f"{name} must be > 0, got {value:g}"
+        for name, value in (("tokens", tokens), ("tokens_per_s", tokens_per_s))
+        if value <= 0
+    ]
+    if num_gpus < 1:
+        problems.append(f"num_gpus must be >= 1, got {num_gpus}")
+    if price_per_gpu_hour is not None and price_per_gpu_hour < 0:
+        problems.append(f"price_per_gpu_hour must be >= 0, got {price_per_gpu_hour:g}")
+    if problems:
+        raise ValueError("; ".join(problems))
     n, fpt, label = _model_numbers(model, seq_len)
     seconds = tokens / tokens_per_s
     gpu_hours = seconds / 3600 * num_gpus
@@ -180,7 +190,11 @@ def main(argv: list[str] | None = None) -> dict:
         if not a.from_preset:
             p.error("--from_tokens_per_s needs --from_preset")
         tps, note = extrapolate_tokens_per_s(a.from_tokens_per_s, a.from_preset, model, seq_len=a.seq_len)
-    est = estimate(model, a.tokens, tps, a.gpus, a.price_per_gpu_hour, seq_len=a.seq_len)
+    try:
+        est = estimate(model, a.tokens, tps, a.gpus, a.price_per_gpu_hour, seq_len=a.seq_len)
+    except ValueError as exc:
+        # a one-line error with exit status 2, as for every other bad setting of train.py
+        raise ConfigError(f"train.py estimate: {exc}") from exc
     est.extrapolated_from = note
     print(est.text())
     return est.as_dict()
