@@ -60,3 +60,23 @@ def test_optim_args_reach_the_optimizer():
         build_optimizer(model, _args(optim_args="bogus=1"))
     with pytest.raises(ConfigError, match="key=value"):
         build_optimizer(model, _args(optim_args="amsgrad"))
+
+
+def test_schedule_kwargs_it_does_not_take_are_found_before_training_and_the_accepted_ones_work():
+    from gpt2_training.optim import scheduler_problems
+
+    def args(kind, **kwargs):
+        return _args(lr_scheduler_type=kind, lr_scheduler_kwargs=kwargs, warmup_steps=0, learning_rate=1.0)
+
+    (problem,) = scheduler_problems(args("cosine", nonsense=1))
+    assert problem == "--lr_scheduler_kwargs: the cosine schedule takes no nonsense; it accepts num_cycles"
+    assert scheduler_problems(args("constant", num_cycles=1)) == [
+        "--lr_scheduler_kwargs: the constant schedule takes no num_cycles; it accepts nothing"
+    ]
+    assert "must be in [0, 1]" in scheduler_problems(args("cosine_with_min_lr", min_lr_rate=2))[0]
+    # what the message names as accepted builds a schedule: one full cosine cycle returns to the peak at the end,
+    # where the default half cycle ends near zero
+    good = args("cosine", num_cycles=1.0)
+    assert scheduler_problems(good) == []
+    lrs = _lrs(good)
+    assert lrs[5] < 0.2 and lrs[-1] > 0.8

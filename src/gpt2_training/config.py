@@ -375,6 +375,9 @@ def validate(cfg: Config, *, cuda_available: bool, bf16_ok: bool) -> None:
             problems.append(f"{name}={getattr(t, name)} must be in [0, 1)")
     if t.adam_epsilon < 0:
         problems.append("adam_epsilon must be >= 0")
+    from .optim import scheduler_problems
+
+    problems += scheduler_problems(t)
     for name in ("logging_steps", "eval_steps", "save_steps"):
         if (getattr(t, name) or 0) < 0:
             problems.append(f"{name} must be >= 0 (below 1: a fraction of the run; 0: never)")

@@ -78,8 +78,37 @@ def _check_optimizer_kwargs(name: str, extra: dict) -> None:
     unknown = sorted(set(extra) - accepted)
     if unknown:
         raise ConfigError(
-            f"--optim_args: {cls.__name__} takes no {', '.join(unknown)}; it accepts {', '.join(sorted(accepted))}"
+            f"--optim_args: {cls.__name__} takes no {', '.join(unknown)}; it accepts {', '.join(sorted(accepted))} "
+            "(lr, betas and eps come from --learning_rate, --adam_beta1, --adam_beta2 and --adam_epsilon)"
         )
+
+
+def scheduler_problems(args) -> list[str]:
+    """What the schedule would refuse only once training is set up: `lr_scheduler_kwargs` that its function does
+    not take (transformers passes them on as they are), and a `min_lr_rate` that is no fraction of the peak."""
+    import inspect
+
+    from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION
+    from transformers.trainer_utils import SchedulerType
+
+    kwargs = dict(args.lr_scheduler_kwargs or {})
+    name = str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))
+    function = TYPE_TO_SCHEDULER_FUNCTION.get(SchedulerType(name))
+    if not kwargs or function is None:
+        return []
+    set_here = {"optimizer", "num_warmup_steps", "num_training_steps", "last_epoch"}
+    accepted = sorted(set(inspect.signature(function).parameters) - set_here)
+    problems = []
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        problems.append(
+            f"--lr_scheduler_kwargs: the {name} schedule takes no {', '.join(unknown)}; it accepts "
+            f"{', '.join(accepted) or 'nothing'}"
+        )
+    rate = kwargs.get("min_lr_rate")
+    if rate is not None and not 0 <= rate <= 1:
+        problems.append(f"--lr_scheduler_kwargs min_lr_rate={rate} must be in [0, 1]: a fraction of the peak")
+    return problems
 
 
 def warmup_steps(args) -> int:
