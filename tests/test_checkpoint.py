@@ -314,3 +314,13 @@ def test_another_process_count_resumes_when_the_global_batch_is_kept():
         FINGERPRINT, dict(FINGERPRINT, world_size=4, per_device_train_batch_size=2), False
     )
     ckpt.check_resume_compatible(FINGERPRINT, dict(FINGERPRINT, world_size=4), allow_changes=True)
+
+
+def test_a_folder_that_is_no_checkpoint_is_named_as_such(tmp_path):
+    (tmp_path / "notes").mkdir()
+    with pytest.raises(CheckpointError, match=r"is not a checkpoint folder \(no manifest.json\)"):
+        ckpt.load(tmp_path / "notes", _parts(seed=0))
+    # a checkpoint-<step> folder without its manifest is a damaged checkpoint
+    (tmp_path / "checkpoint-3").mkdir()
+    with pytest.raises(CheckpointError, match="is damaged"):
+        ckpt.load(tmp_path / "checkpoint-3", _parts(seed=0))

@@ -371,6 +371,8 @@ def test_all_configuration_errors_are_reported_at_once_before_any_work(tmp_path,
         ({"adam_epsilon": -1}, "adam_epsilon must be >= 0"),
         ({"eval_steps": -1}, "eval_steps must be >= 0"),
         ({"shuffle_buffer": -1}, "shuffle_buffer must be >= 0"),
+        ({"output_dir": "FILE"}, "is a file, not a folder: choose another --output_dir"),
+        ({"config": "BROKEN_YAML"}, "is not valid YAML at line 2, column 1: expected ',' or ']'"),
     ],
     ids=[
         "unknown-preset",
@@ -389,6 +391,8 @@ def test_all_configuration_errors_are_reported_at_once_before_any_work(tmp_path,
         "adam-epsilon",
         "negative-eval-steps",
         "negative-shuffle-buffer",
+        "output-dir-is-a-file",
+        "broken-yaml",
     ],
 )
 def test_bad_input_is_a_one_line_error_with_status_2(tmp_path, env, shared_cache, capsys, settings, message):
@@ -401,6 +405,13 @@ def test_bad_input_is_a_one_line_error_with_status_2(tmp_path, env, shared_cache
         tiny.write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(3)))
         settings = {"dataset": str(tiny), "tokenizer": str(_cached_tokenizer(shared_cache))}
     out = tmp_path / "run"
+    if settings.get("output_dir") == "FILE":
+        out = tmp_path / "a-file"
+        out.write_text("not a folder")
+        settings = {}
+    if settings.get("config") == "BROKEN_YAML":
+        (tmp_path / "broken.yaml").write_text("preset: [tiny\n")
+        settings = {"config": str(tmp_path / "broken.yaml")}
     assert run(tiny_args(out, **settings)) == 2
     err = capsys.readouterr().err
     assert message in err, err

@@ -351,6 +351,11 @@ def load(path: Path, parts: dict[str, Any]) -> None:
     asks for (its `state_dict()` is the template). A collective under FSDP and DeepSpeed."""
     problem = verify(path)
     if problem:
+        if not (path / "manifest.json").exists() and not _NAME.match(path.name):
+            raise CheckpointError(
+                f"{path} is not a checkpoint folder (no manifest.json): pass a checkpoint-<step> folder to "
+                "--resume, or --resume auto for the newest in --output_dir"
+            )
         raise CheckpointError(f"checkpoint {path} is damaged ({problem}); pass an older one to --resume")
     train_state = json.loads((path / TRAIN_STATE_FILE).read_text())
     parts["train_state"].load_state_dict(train_state)

@@ -357,6 +357,8 @@ def validate(cfg: Config, *, cuda_available: bool, bf16_ok: bool) -> None:
         problems.append(
             f"shards_dir {d.shards_dir!r} has no meta.json: create it with `train.py prepare --out {d.shards_dir}`"
         )
+    if Path(t.output_dir).exists() and not Path(t.output_dir).is_dir():
+        problems.append(f"output_dir {t.output_dir} is a file, not a folder: choose another --output_dir")
     if t.gradient_accumulation_steps < 1:
         problems.append("gradient_accumulation_steps must be >= 1")
     if t.per_device_train_batch_size < 1:

@@ -91,7 +91,7 @@ def load_pretrained(name_or_path: str, args: ModelArguments) -> GPT2LMHeadModel:
         raise ConfigError(
             f"cannot load pre-trained weights from {where} {name_or_path!r} ({type(exc).__name__}): "
             "check the name and your network, or download it once with internet access "
-            "(huggingface-cli download gpt2) and pass the local folder to --init_from"
+            "(hf download gpt2 --local-dir models/gpt2) and pass the local folder to --init_from"
         ) from exc
 
 

@@ -195,7 +195,7 @@ TRAINING_ARGUMENTS: dict[str, Option] = {
     "push_to_hub": _h(
         "upload final/ at the end; checked at start-up", f"{T_TRAINER}::test_push_to_hub_fails_at_start_up"
     ),
-    "hub_token": _r("tokens are never arguments: set HF_TOKEN or run `huggingface-cli login`", "hf_x"),
+    "hub_token": _r("tokens are never arguments: set HF_TOKEN or run `hf auth login`", "hf_x"),
     "hub_private_repo": _h(
         "create the Hub repository private", f"{T_TRAINER}::test_push_to_hub_fails_at_start_up"
     ),
