@@ -359,32 +359,32 @@ def validate(cfg: Config, *, cuda_available: bool, bf16_ok: bool) -> None:
         )
     if Path(t.output_dir).exists() and not Path(t.output_dir).is_dir():
         problems.append(f"output_dir {t.output_dir} is a file, not a folder: choose another --output_dir")
-    if t.gradient_accumulation_steps < 1:
-        problems.append("gradient_accumulation_steps must be >= 1")
-    if t.per_device_train_batch_size < 1:
-        problems.append("per_device_train_batch_size must be >= 1")
-    if t.per_device_eval_batch_size < 1:
-        problems.append("per_device_eval_batch_size must be >= 1")
-    if d.eval_max_sequences < 1:
-        problems.append("eval_max_sequences must be >= 1 (to skip evaluation: --eval_strategy no)")
-    for name in ("seed", "data_seed"):
-        if getattr(t, name) is not None and getattr(t, name) < 0:
-            problems.append(f"{name} must be >= 0 (numpy's generators take no negative seed)")
-    if t.weight_decay < 0:
-        problems.append("weight_decay must be >= 0 (0: none)")
+    # settings with a lower bound, and what the bound means where it is not obvious
+    steps_note = "below 1: a fraction of the run; 0: never"
+    seed_note = "numpy's generators take no negative seed"
+    bounds = [
+        (t, "gradient_accumulation_steps", 1, ""),
+        (t, "per_device_train_batch_size", 1, ""),
+        (t, "per_device_eval_batch_size", 1, ""),
+        (d, "eval_max_sequences", 1, "to skip evaluation: --eval_strategy no"),
+        (t, "seed", 0, seed_note),
+        (t, "data_seed", 0, seed_note),
+        (t, "weight_decay", 0, "0: none"),
+        (t, "adam_epsilon", 0, ""),
+        (t, "logging_steps", 0, steps_note),
+        (t, "eval_steps", 0, steps_note),
+        (t, "save_steps", 0, steps_note),
+        (d, "shuffle_buffer", 0, "0: no shuffling"),
+        (r, "max_bad_steps", 1, ""),
+        (r, "sample_max_new_tokens", 0, "0: no samples"),
+    ]
+    for section, name, minimum, note in bounds:
+        value = getattr(section, name)
+        if value is not None and value < minimum:
+            problems.append(f"{name} must be >= {minimum}" + (f" ({note})" if note else ""))
     for name in ("adam_beta1", "adam_beta2"):
         if not 0.0 <= getattr(t, name) < 1.0:
             problems.append(f"{name}={getattr(t, name)} must be in [0, 1)")
-    if t.adam_epsilon < 0:
-        problems.append("adam_epsilon must be >= 0")
-    from .optim import scheduler_problems
-
-    problems += scheduler_problems(t)
-    for name in ("logging_steps", "eval_steps", "save_steps"):
-        if (getattr(t, name) or 0) < 0:
-            problems.append(f"{name} must be >= 0 (below 1: a fraction of the run; 0: never)")
-    if d.shuffle_buffer < 0:
-        problems.append("shuffle_buffer must be >= 0 (0: no shuffling)")
     if t.max_steps <= 0 and not t.num_train_epochs > 0:
         problems.append("set --max_steps N (> 0), or --num_train_epochs E (> 0) for a corpus of known size")
     if t.learning_rate <= 0:
@@ -399,10 +399,6 @@ def validate(cfg: Config, *, cuda_available: bool, bf16_ok: bool) -> None:
         problems.append("precision=fp16 needs a CUDA GPU (loss scaling); on a CPU use bf16 or fp32")
     elif r.precision == "bf16" and not bf16_ok:
         problems.append("precision=bf16 is not supported on this hardware: use fp16 (older GPUs) or fp32")
-    if r.max_bad_steps < 1:
-        problems.append("max_bad_steps must be >= 1")
-    if r.sample_max_new_tokens < 0:
-        problems.append("sample_max_new_tokens must be >= 0 (0: no samples)")
     if r.resume not in ("auto", "never") and not Path(r.resume).exists():
         problems.append(f"resume={r.resume!r}: no such checkpoint; use 'auto', 'never' or an existing path")
     if r.overwrite_output_dir and r.resume != "never":
@@ -411,6 +407,10 @@ def validate(cfg: Config, *, cuda_available: bool, bf16_ok: bool) -> None:
         )
     if d.dataset != "builtin" and _looks_local(d.dataset) and not _glob_matches(d.dataset):
         problems.append(f"dataset path {d.dataset!r} does not exist: check the path or glob")
+    # lr_scheduler_kwargs the schedule would only refuse once training is set up
+    from .optim import scheduler_problems
+
+    problems += scheduler_problems(t)
     # --deepspeed / --fsdp: a JSON contradicting the settings, an unknown wrap class, two backends at once
     from .backends import backend_problems
 
