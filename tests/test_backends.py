@@ -148,3 +148,27 @@ def test_state_dict_round_trip_through_a_checkpoint_restores_every_tensor(tmp_pa
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["kind"] == {"ddp": "dict", "fsdp": "Sharded"}[backend]
     assert result["tensors"] > 20 and result["moved"] and result["restored"], result
+
+
+LEAVE = """
+import sys
+import torch.distributed as dist
+from gpt2_training.cli import run
+
+status = run(sys.argv[1:])
+print(status, dist.is_initialized())
+"""
+
+
+def test_a_finished_run_leaves_its_process_group(tmp_path, env):
+    """A run that needed a process group (FSDP2 in a one-process gloo group here; torchrun's group is the same
+    object) destroys it before returning: left to interpreter shutdown, gloo's threads can abort the process with
+    "terminate called without an active exception" after a successful run, which a launcher reports as a failure."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-c", LEAVE, *tiny_args(tmp_path / "run", "--fsdp", "full_shard auto_wrap", max_steps=1)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "0 False", proc.stdout[-2000:]
+    assert "terminate called" not in proc.stderr

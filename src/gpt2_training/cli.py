@@ -244,4 +244,16 @@ def run(argv: list[str] | None = None) -> int:
         for p in problems:
             print(f"error: {p}", file=sys.stderr)
         return 2
+    leave_process_group()
     return int(getattr(result, "exit_code", 0) or 0)
+
+
+def leave_process_group() -> None:
+    """Destroy the process group once the run has ended on every process (a finished run, or a signal's
+    checkpoint, both of which end with all processes together). Left to interpreter shutdown, a gloo group's
+    threads can be torn down while still joinable, and C++ aborts the process ("terminate called without an
+    active exception") after a run that otherwise succeeded: the launcher then reports a failure. Not after an
+    error: a process that failed alone must not wait for the others to leave a group they are still using."""
+    dist = sys.modules.get("torch.distributed")  # never imported by plan / estimate: nothing to do
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
