@@ -167,7 +167,12 @@ def test_a_finished_run_leaves_its_process_group(tmp_path, env):
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-c", LEAVE, *tiny_args(tmp_path / "run", "--fsdp", "full_shard auto_wrap", max_steps=1)]
+    cmd = [
+        sys.executable,
+        "-c",
+        LEAVE,
+        *tiny_args(tmp_path / "run", "--fsdp", "full_shard auto_wrap", max_steps=1),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == "0 False", proc.stdout[-2000:]
