@@ -23,3 +23,9 @@ class CheckpointError(GPT2TrainingError):
 
 class TrainingStopped(GPT2TrainingError):
     """Training stopped on purpose (too many non-finite steps); the last good checkpoint is kept."""
+
+
+class DataUnavailable(DataError):
+    """A source that was readable stopped being readable mid-run (a file deleted or made unreadable, a server down
+    beyond the retry budget). The engine writes a checkpoint at the last completed step, then stops with this
+    message (exit status 2); running the same command once the source is back resumes exactly."""
