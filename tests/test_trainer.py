@@ -82,8 +82,15 @@ def test_sample_max_new_tokens_0_means_no_samples_and_negative_is_refused(tmp_pa
 
 def test_logging_first_step(tmp_path, env):
     out = tmp_path / "run"
-    train(parse_config(tiny_args(out, "--logging_first_step", "true", logging_steps=5, save_steps=0)))
-    assert [r["step"] for r in read_log(out) if r["event"] == "train"] == [1, 5, 6]
+    result = train(
+        parse_config(tiny_args(out, "--logging_first_step", "true", logging_steps=5, save_steps=0))
+    )
+    logged = [r for r in read_log(out) if r["event"] == "train"]
+    assert [r["step"] for r in logged] == [1, 5, 6]
+    # the logged loss is the mean over the window since the last log line, as the Trainer logs it
+    windows = [result.losses[0:1], result.losses[1:5], result.losses[5:6]]
+    assert [r["loss"] for r in logged] == pytest.approx([sum(w) / len(w) for w in windows], rel=1e-12)
+    assert logged[1]["loss"] != pytest.approx(result.losses[4])
     # a ratio below 1 is a fraction of the run, as in the Trainer: 0.5 of 6 steps = every 3
     out2 = tmp_path / "run2"
     train(parse_config(tiny_args(out2, logging_steps=0.5, save_steps=0)))

@@ -411,7 +411,7 @@ class Engine:
         flops_tok = flops_per_token(self.n_params, self.lm.config.n_layer, self.lm.config.n_embd, T)
         if self.is_main:
             print(
-                f"model: {self.n_params / 1e6:.2f} M parameters ({cfg.model.preset}), precision {self.precision} "
+                f"model: {self.n_params / 1e6:.2f} M parameters ({_shape_text(cfg, self.lm.config)}), precision {self.precision} "
                 f"({self.precision_reason}); effective batch {B * A * self.world} sequences = {tokens_per_step} "
                 f"tokens per step ({B} per device x {A} accumulation x {self.world} processes)"
                 + (
@@ -437,7 +437,8 @@ class Engine:
         log_every = _interval(t.logging_strategy, t.logging_steps, t.max_steps)
         eval_every = _interval(t.eval_strategy, t.eval_steps or t.logging_steps, t.max_steps)
         save_every = _interval(t.save_strategy, t.save_steps, t.max_steps)
-        window_tokens, window_time = 0, 0.0
+        # the logged loss is the mean over the logging window (the Trainer's `loss`): one step's loss jumps
+        window_tokens, window_time, window_losses = 0, 0.0, []
         run_tokens, run_time = 0, 0.0
         self.model.train()
         stopped = False
@@ -473,6 +474,7 @@ class Engine:
                 self.state.step += 1
                 self.bad_in_a_row = 0
                 res.losses.append(loss_f)
+                window_losses.append(loss_f)
                 if self.acc.device.type == "cuda":
                     torch.cuda.synchronize()
                 window_time += time.perf_counter() - t0
@@ -495,7 +497,7 @@ class Engine:
                     rec = {
                         "event": "train",
                         "step": self.state.step,
-                        "loss": loss_f,
+                        "loss": sum(window_losses) / len(window_losses),
                         "grad_norm": norm_f,
                         "lr": self.scheduler.get_last_lr()[0],
                         "tokens_seen": self.state.tokens_seen,
@@ -504,7 +506,7 @@ class Engine:
                     if mfu is not None:
                         rec["mfu"] = mfu
                     self._log(rec)
-                    window_tokens, window_time = 0, 0.0
+                    window_tokens, window_time, window_losses = 0, 0.0, []
                 if eval_every and self.state.step % eval_every == 0 and self.state.step < t.max_steps:
                     ev = self.evaluate()
                     if ev is not None:  # None: interrupted by a signal, which the loop condition handles
@@ -616,6 +618,15 @@ class Engine:
             shutil.rmtree(final)
         os.replace(tmp, final)
         return final
+
+
+def _shape_text(cfg: Config, config: Any) -> str:
+    """The shape of the model built, which overrides or loaded weights can make differ from the preset's."""
+    shape = " ".join(f"{k}={getattr(config, k)}" for k in ("n_layer", "n_head", "n_embd"))
+    origin = (
+        f"preset {cfg.model.preset}" if cfg.model.init_from == "scratch" else f"from {cfg.model.init_from}"
+    )
+    return f"{shape}; {origin}"
 
 
 def _interval(strategy: Any, steps: float | None, max_steps: int) -> int:
