@@ -269,12 +269,12 @@ def _engine_config(a, device, out_dir: str, total_steps: int):
 
 
 def run_engine_once(a, device) -> dict:
-    """One `trainer.train(cfg)` run; step timestamps come from wrapping Engine._next_batch (one call per step)."""
+    """One `trainer.train(cfg)` run; step timestamps come from wrapping Engine._read_step (one call per step)."""
     from gpt2_training import trainer
 
     total = a.warmup + a.engine_steps + 1
     stamps: list[float] = []
-    original = trainer.Engine._next_batch
+    original = trainer.Engine._read_step
 
     def stamped(self, n):
         if device.type == "cuda" and len(stamps) in (a.warmup, a.warmup + a.engine_steps):
@@ -288,11 +288,11 @@ def run_engine_once(a, device) -> dict:
         contextlib.redirect_stdout(sys.stderr),
     ):
         cfg = _engine_config(a, device, tmp, total)
-        trainer.Engine._next_batch = stamped
+        trainer.Engine._read_step = stamped
         try:
             res = trainer.train(cfg)
         finally:
-            trainer.Engine._next_batch = original
+            trainer.Engine._read_step = original
     secs = stamps[a.warmup + a.engine_steps] - stamps[a.warmup]
     _reset_compile()
     return {

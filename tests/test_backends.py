@@ -109,7 +109,7 @@ backend = engine.backend
 
 def train_step():
     with backend.accumulate(last=True):
-        backend.backward(engine.model(engine._next_batch(4)))
+        backend.backward(engine.model(engine._to_device(engine._read_step(4)[0])))
     backend.clip(1.0)
     backend.step()
 

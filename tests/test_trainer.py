@@ -118,12 +118,12 @@ def test_data_seed_changes_only_the_data(tmp_path, env):
     b = _engine(tmp_path / "b", "--data_seed", "2", shuffle_buffer=64)
     wa, wb = a.lm.transformer.wte.weight, b.lm.transformer.wte.weight
     assert torch.equal(wa, wb), "the model seed did not change"
-    assert not torch.equal(a._next_batch(4), b._next_batch(4))
+    assert not torch.equal(a._to_device(a._read_step(4)[0]), b._to_device(b._read_step(4)[0]))
 
 
 def test_batch_shape(tmp_path, env):
     engine = _engine(tmp_path, per_device_train_batch_size=3)
-    x = engine._next_batch(3)
+    x = engine._to_device(engine._read_step(3)[0])
     assert x.shape == (3, 32) and x.dtype == torch.int64
 
 
@@ -209,7 +209,7 @@ def test_first_batch_is_the_stream_s_first_sequences(tmp_path, env):
     engine = _engine(tmp_path, per_device_train_batch_size=2)
     fresh = _engine(tmp_path / "b", per_device_train_batch_size=2)
     expected = np.stack([next(fresh.train_data) for _ in range(2)])
-    assert np.array_equal(engine._next_batch(2).numpy(), expected)
+    assert np.array_equal(engine._to_device(engine._read_step(2)[0]).numpy(), expected)
 
 
 def test_resume_refuses_a_source_with_other_shards(tmp_path, env):

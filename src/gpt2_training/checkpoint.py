@@ -65,36 +65,64 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints (those with a manifest), oldest first."""
+def checkpoint_folders(output_dir: str | Path) -> list[Path]:
+    """Every `checkpoint-<step>` folder, complete or not, oldest first."""
     out = Path(output_dir)
     if not out.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in out.iterdir() if (m := _NAME.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found) if (p / "manifest.json").exists()]
+    return [p for _, p in sorted(found)]
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints (those with a manifest), oldest first."""
+    return [p for p in checkpoint_folders(output_dir) if (p / "manifest.json").exists()]
+
+
+def find_resumable(output_dir: str | Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint whose files all match its manifest, and each newer one that does not, with why."""
+    unusable = []
+    for path in reversed(checkpoint_folders(output_dir)):
+        problem = verify(path)
+        if problem is None:
+            return path, unusable
+        unusable.append((path, problem))
+    return None, unusable
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest checkpoint whose files all match its manifest; damaged ones are skipped with a warning."""
-    for path in reversed(list_checkpoints(output_dir)):
-        problem = verify(path)
-        if problem is None:
-            return path
-        print(f"warning: skipping damaged checkpoint {path}: {problem}")
-    return None
+    """The newest checkpoint whose files all match its manifest; each damaged one skipped is named with why."""
+    path, unusable = find_resumable(output_dir)
+    for bad, problem in unusable:
+        print(f"warning: skipping damaged checkpoint {bad}: {problem}", flush=True)
+    return path
 
 
-def verify(path: Path) -> str | None:
-    """None when every file listed in the manifest is present with the recorded size and hash."""
+def set_aside(path: Path) -> Path:
+    """Rename a damaged checkpoint to `checkpoint-<step>.damaged` (kept as evidence, never counted or deleted)."""
+    target, n = path.with_name(f"{path.name}.damaged"), 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.damaged-{n}")
+    os.replace(path, target)
+    return target
+
+
+def verify(path: Path, *, full: bool = True) -> str | None:
+    """None when every file listed in the manifest is present with the recorded size and (`full`) hash."""
     try:
+        if not any(path.iterdir()):
+            return "the folder is empty"
+        if not (path / "manifest.json").exists():
+            return "it has no manifest.json (its save never finished, or the file was deleted)"
         manifest = json.loads((path / "manifest.json").read_text())
         for name, info in manifest["files"].items():
             f = path / name
             if not f.exists() or f.stat().st_size != info["size"]:
                 return f"{name} is missing or truncated"
-            if _sha256(f) != info["sha256"]:
+            if full and _sha256(f) != info["sha256"]:
                 return f"{name} does not match its checksum"
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         return f"unreadable manifest ({exc})"
     return None
 
@@ -171,9 +199,27 @@ def save_checkpoint(
     finally:
         sync()
     if save_total_limit:
-        for old in list_checkpoints(out)[:-save_total_limit]:
-            _remove(old)
+        rotate(out, final, save_total_limit)
     return final
+
+
+def rotate(out: Path, newest: Path, limit: int) -> None:
+    """Keep `newest` (the checkpoint just written) and the `limit - 1` newest others that pass a size check;
+    a damaged one is set aside as `.damaged`, never counted as kept and never deleted."""
+    kept = [newest]
+    for path in reversed(checkpoint_folders(out)):
+        if path == newest:
+            continue
+        problem = verify(path, full=False)
+        if problem is not None:
+            moved = set_aside(path)
+            print(
+                f"warning: checkpoint {path} is damaged ({problem}); moved aside to {moved.name}", flush=True
+            )
+            continue
+        kept.append(path)
+    for old in kept[limit:]:
+        _remove(old)
 
 
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -216,7 +262,7 @@ def cleanup_partial(output_dir: str | Path) -> None:
         if m and not (out / m.group(1)).exists() and verify(p) is None:
             os.replace(p, out / m.group(1))
             _fsync_dir(out)
-        elif p.name.startswith((".checkpoint-", ".deleting-", ".final.", ".universal-")):
+        elif p.name.startswith((".checkpoint-", ".deleting-", ".universal-")) or p.name == ".final.tmp":
             shutil.rmtree(p, ignore_errors=True)
 
 
@@ -266,8 +312,15 @@ def save_arrays(arrays: dict[str, np.ndarray], path: Path) -> None:
 
 
 def load_arrays(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as data:
-        return {k: data[k] for k in data.files}
+    """Plain numeric arrays only: an array of Python objects (which numpy would unpickle) is refused."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except (ValueError, OSError) as exc:
+        raise CheckpointError(
+            f"refusing to load {path}: it is not an archive of plain arrays ({exc}); it may have been tampered "
+            "with. Pass an older checkpoint to --resume, or start anew with --resume never"
+        ) from exc
 
 
 # -- the layout: which part goes into which file -----------------------------------------------------------------
@@ -449,12 +502,15 @@ class TrainState:
     step: int = 0
     tokens_seen: int = 0
     skipped_steps: int = 0
+    # records in train_log.jsonl when the checkpoint was written (None: a checkpoint from before this was kept)
+    log_records: int | None = None
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "step": self.step,
             "tokens_seen": self.tokens_seen,
             "skipped_steps": self.skipped_steps,
+            "log_records": self.log_records,
             "fingerprint": self.fingerprint,
             "backend": self.backend,
             "settings": self.settings,
@@ -464,6 +520,7 @@ class TrainState:
         check_resume_compatible(state["fingerprint"], self.fingerprint, self.allow_changes)
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
         self.skipped_steps = int(state["skipped_steps"])
+        self.log_records = state.get("log_records")
 
 
 class RNGState:
@@ -491,19 +548,50 @@ class RNGState:
 
 
 class DataPosition:
-    """A data stream's position, keyed by rank. On another number of processes `data.restore_stream` maps every
-    old process's position onto this process's stream (see data/restore.py for what is exact)."""
+    """A data stream's position, keyed by rank, and the sequences drawn for a step that never ran. The loop reads
+    a whole step's sequences before training on them; when the source fails part-way (`give_back`), the drawn
+    ones are handed out again first, so a checkpoint written then resumes exactly where the run stood. On another
+    number of processes `data.restore_stream` maps every old process's position onto this process's stream (see
+    data/restore.py for what is exact)."""
 
     def __init__(self, stream: Any, rank: int = 0):
         self.stream, self.rank = stream, rank
+        self.pending: list[np.ndarray] = []
+
+    def next(self) -> np.ndarray:
+        return self.pending.pop(0) if self.pending else next(self.stream)
+
+    def give_back(self, sequences: list[np.ndarray]) -> None:
+        self.pending = list(sequences) + self.pending
 
     def state_dict(self) -> dict[int, tuple[dict, dict[str, np.ndarray]]]:
-        return {self.rank: self.stream.state_dict()}
+        meta, arrays = self.stream.state_dict()
+        if self.pending:
+            meta, arrays = (
+                {**meta, "pending": len(self.pending)},
+                {**arrays, "pending": np.stack(self.pending)},
+            )
+        return {self.rank: (meta, arrays)}
 
     def load_state_dict(self, states: dict[int, tuple[dict, dict[str, np.ndarray]]]) -> None:
         from .data import restore_stream
 
-        restore_stream(self.stream, [states[r] for r in range(len(states))], len(states))
+        pending = {r: arrays.get("pending") for r, (_, arrays) in states.items()}
+        if any(p is not None for p in pending.values()) and len(states) != self.stream.world_size:
+            raise CheckpointError(
+                f"this checkpoint was written when a data source failed mid-step on {len(states)} processes: "
+                f"resume it on {len(states)} processes (then change the count at a later checkpoint)"
+            )
+        plain = [
+            (
+                {k: v for k, v in meta.items() if k != "pending"},
+                {k: v for k, v in a.items() if k != "pending"},
+            )
+            for meta, a in (states[r] for r in range(len(states)))
+        ]
+        restore_stream(self.stream, plain, len(states))
+        mine = pending.get(self.rank)
+        self.pending = [row.astype(mine.dtype) for row in mine] if mine is not None else []
 
 
 SAFE_TO_CHANGE = {"per_device_train_batch_size", "gradient_accumulation_steps"}

@@ -160,6 +160,9 @@ def prepare_main(argv: list[str]) -> dict:
     if rest.num_proc < 1:
         raise ConfigError(f"--num_proc must be 1 or more, got {rest.num_proc}")
     _refuse_out_inside_source(data.dataset, rest.out)
+    from .outdir import refuse_unsafe
+
+    refuse_unsafe(rest.out, "--out", {"dataset": data.dataset, "tokenizer": data.tokenizer})
     tokenizer = resolve_tokenizer(data, seed=rest.seed)
     src = source_from_args(data, rest.seed)
     meta = prepare_shards(

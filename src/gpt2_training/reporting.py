@@ -52,18 +52,28 @@ class Reporter:
         run_name: str | None = None,
         project: str | None = None,
         logging_dir: str | None = None,
+        resume_step: int = 0,
+        keep_records: int | None = None,
     ):
+        """`resume_step` and `keep_records` (the log's length when that checkpoint was written; None for a
+        checkpoint that did not record it) say where a resumed run continues the log: what the interrupted run
+        logged after its checkpoint is moved to train_log.superseded.jsonl, so every step has one record."""
         self.enabled = enabled
         self.path = Path(output_dir) / "train_log.jsonl"
         self.history: list[dict] = []
+        self.records = 0
         self._tb = self._wandb = None
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._continue_log(resume_step, keep_records)
         if "tensorboard" in report_to:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(logging_dir or Path(output_dir) / "tensorboard"))
+            # events the interrupted run wrote after the checkpoint's step are dropped by TensorBoard itself
+            self._tb = SummaryWriter(
+                log_dir=str(logging_dir or Path(output_dir) / "tensorboard"), purge_step=resume_step + 1
+            )
         if "wandb" in report_to:
             import wandb
 
@@ -88,12 +98,38 @@ class Reporter:
                     flush=True,
                 )
 
+    def _continue_log(self, resume_step: int, keep_records: int | None) -> None:
+        lines = self.path.read_text(encoding="utf-8").splitlines() if self.path.exists() else []
+        kept: list[dict] = []
+        for i, line in enumerate(lines):
+            try:
+                record = json.loads(line)
+            except ValueError:  # a line cut short by a kill
+                break
+            if (i >= keep_records) if keep_records is not None else (record.get("step", 0) > resume_step):
+                break
+            kept.append(record)
+        dropped = lines[len(kept) :]
+        if dropped:
+            with open(self.path.with_name("train_log.superseded.jsonl"), "a", encoding="utf-8") as f:
+                f.write("\n".join(dropped) + "\n")
+            tmp = self.path.with_name(".train_log.jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in lines[: len(kept)]), encoding="utf-8")
+            os.replace(tmp, self.path)
+            print(
+                f"{self.path.name}: {len(dropped)} record(s) logged after step {resume_step} by the interrupted run "
+                f"moved to {self.path.with_name('train_log.superseded.jsonl').name}",
+                flush=True,
+            )
+        self.history, self.records = kept, len(kept)
+
     def log(self, record: dict) -> None:
         self.history.append(record)
         if not self.enabled:
             return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
+        self.records += 1
         step = record.get("step", 0)
         numbers = {k: v for k, v in record.items() if isinstance(v, int | float) and k != "step"}
         if self._tb is not None:

@@ -35,11 +35,11 @@ from accelerate.utils import DistributedDataParallelKwargs, gather_object
 from transformers.utils import logging as hf_logging
 
 from . import checkpoint as ckpt
-from . import progress
+from . import outdir, progress
 from .backends import make_backend
 from .config import Config, model_shape, validate
 from .data import resolve_tokenizer, train_stream, validation_sequences
-from .errors import ConfigError, TrainingStopped
+from .errors import ConfigError, DataUnavailable, GPT2TrainingError, TrainingStopped
 from .hub import check_push_to_hub, push_folder
 from .metrics import bits_per_byte, describe_mfu, flops_per_token, token_byte_lengths, unigram_byte_entropy
 from .model import CausalLMWithLoss, build_model, enable_activation_checkpointing
@@ -129,6 +129,17 @@ class Engine:
         self.cfg = cfg
         cuda = torch.cuda.is_available()
         validate(cfg, cuda_available=cuda, bf16_ok=bf16_supported())
+        d = cfg.data
+        outdir.refuse_unsafe(
+            cfg.train.output_dir,
+            "--output_dir",
+            {
+                "dataset": d.dataset,
+                "shards folder": d.shards_dir,
+                "tokenizer": d.tokenizer,
+                "initial weights": cfg.model.init_from,
+            },
+        )
         self.precision, self.precision_reason = resolve_precision(cfg.run.precision)
         t = cfg.train
         # Which options the user set (not defaults): num_train_epochs next to max_steps gets a note.
@@ -148,6 +159,8 @@ class Engine:
         )
         self.backend.bind(self.acc)
         self.is_main = self.acc.is_main_process
+        self.world, self.rank = self.acc.num_processes, self.acc.process_index
+        self.lock: outdir.RunLock | None = None
         # With ZeRO-3 or FSDP each process holds a shard of the weights: generating text on one process would wait
         # for the others forever, and the final save must gather the full state dict on every process first.
         self.sharded = self.backend.shards_weights
@@ -156,23 +169,73 @@ class Engine:
 
     # -- set-up -------------------------------------------------------------------------------------------------
     def _prepare_output_dir(self) -> Path | None:
-        """Apply --resume / --overwrite_output_dir; returns the checkpoint to resume from, if any."""
-        r = self.cfg.run
-        ckpt.cleanup_partial(self.out) if self.is_main else None
+        """Lock the output folder, then apply --resume / --overwrite_output_dir; returns the checkpoint to resume
+        from, if any. Process 0 decides (it alone touches the folder) and tells the others, so every process
+        fails with the same message rather than waiting for one that has stopped."""
+        decision: list[Any] = [None, None]
+        if self.is_main:
+            try:
+                decision[0] = self._claim_output_dir()
+            except GPT2TrainingError as exc:
+                decision[1] = getattr(exc, "problems", [str(exc)])
+        if self.world > 1:
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(decision, from_process=0)
+        if decision[1] is not None:
+            raise ConfigError(decision[1])
+        return None if decision[0] is None else Path(decision[0])
+
+    def _claim_output_dir(self) -> str | None:
+        r, out = self.cfg.run, self.out
+        foreign = outdir.foreign_entries(out)
+        theirs = foreign and not (out / outdir.MARKER).exists()
+        if theirs and not any(outdir.own_entry(p.name) for p in out.iterdir()):
+            # a folder of the user's: a run never settles into it
+            raise ConfigError(outdir.describe_foreign(out, foreign, "train into"))
+        outdir.claim(out)
+        self.lock = outdir.RunLock(out)
+        self.lock.acquire()
+        ckpt.cleanup_partial(out)
         if r.resume not in ("auto", "never"):
-            return Path(r.resume)
-        if r.resume == "auto":
-            return ckpt.latest_checkpoint(self.out)
-        has_run = self.out.exists() and any(self.out.iterdir())
-        if has_run and not r.overwrite_output_dir:
+            return r.resume
+        if r.resume == "never":
+            has_run = any(p.name not in (outdir.MARKER, outdir.LOCK) for p in out.iterdir())
+            if has_run and not r.overwrite_output_dir:
+                raise ConfigError(
+                    f"output_dir {out} already holds a run: use --resume auto to continue it, "
+                    "--resume never --overwrite_output_dir to replace it, or another --output_dir"
+                )
+            if has_run:
+                removed = outdir.clear_own(out)
+                print(
+                    f"--overwrite_output_dir: removed the earlier run's {', '.join(removed)} from {out}",
+                    flush=True,
+                )
+            return None
+        path, unusable = ckpt.find_resumable(out)
+        if path is None and (unusable or (out / "final").exists()):
+            found = [f"{p.name}: {why}" for p, why in unusable] or [
+                "no checkpoint, only a finished model in final/"
+            ]
             raise ConfigError(
-                f"output_dir {self.out} already holds a run: use --resume auto to continue it, "
-                "--overwrite_output_dir to replace it, or another --output_dir"
+                [f"cannot resume {out}, which holds a run but no usable checkpoint", *found]
+                + [
+                    "nothing was changed. To start over here: --resume never --overwrite_output_dir (replaces this "
+                    "run's files); to keep them: another --output_dir (add --init_from "
+                    f"{out / 'final'} to start from the finished model's weights)"
+                ]
             )
-        if has_run and self.is_main:
-            shutil.rmtree(self.out)
-        self.acc.wait_for_everyone()
-        return None
+        for bad, why in unusable:
+            moved = ckpt.set_aside(bad)
+            print(
+                f"warning: skipping damaged checkpoint {bad}: {why}; moved aside to {moved.name}", flush=True
+            )
+        if path is None and (out / "train_log.jsonl").exists():
+            print(
+                f"{out} holds a run that never wrote a checkpoint: starting it again from step 0", flush=True
+            )
+        return None if path is None else str(path)
 
     def _seed(self, seed: int) -> None:
         random.seed(seed)
@@ -220,7 +283,6 @@ class Engine:
             except RuntimeError as exc:  # an unknown mode or backend, named by torch
                 raise ConfigError(f"--torch_compile_mode / --torch_compile_backend: {exc}") from exc
         self.scheduler = build_scheduler(self.backend.schedule_optimizer, t)
-        self.world, self.rank = self.acc.num_processes, self.acc.process_index
         self.train_data = train_stream(
             cfg.data, self.tokenizer, data_seed, self.rank, self.world, num_workers=t.dataloader_num_workers
         )
@@ -234,17 +296,24 @@ class Engine:
         )
         self.rng = ckpt.RNGState(self.rank)
         self.data_position = ckpt.DataPosition(self.train_data, self.rank)
+        self.data_error: DataUnavailable | None = None
         self.bad_in_a_row = 0
         self.saved_state: tuple[int, int] | None = None  # (step, tokens_seen) of the newest checkpoint
         self.saved_path: Path | None = None
+
+    def _start_reporter(self) -> None:
+        """The log, continued from the resumed checkpoint (what the interrupted run logged after it is set aside)."""
+        t = self.cfg.train
         self.reporter = Reporter(
             self.out,
             report_to_list(t.report_to),
-            cfg.to_dict(),
+            self.cfg.to_dict(),
             enabled=self.is_main,
             run_name=t.run_name,
             project=t.project,
-            logging_dir=cfg.run.logging_dir,
+            logging_dir=self.cfg.run.logging_dir,
+            resume_step=self.state.step,
+            keep_records=self.state.log_records if self.resume_path is not None else 0,
         )
 
     # -- checkpoints --------------------------------------------------------------------------------------------
@@ -264,6 +333,7 @@ class Engine:
     def save(self) -> Path:
         """A checkpoint of every stateful part; a collective (every process writes its own part into it)."""
         several = self.world > 1
+        self.state.log_records = self.reporter.records if self.is_main else None
         path = ckpt.save(
             self.out,
             self.state.step,
@@ -369,20 +439,35 @@ class Engine:
         return out
 
     # -- the loop -----------------------------------------------------------------------------------------------
-    def _stop_requested(self) -> bool:
-        """A SIGTERM/SIGINT has arrived, on any process: all must stop at the same step to save together (one
-        scalar all-reduce per step; the loop synchronises on the loss anyway)."""
-        pending = torch.tensor(float(self.signals.signum is not None), device=self.acc.device)
+    def _stop_requested(self, data_failed: bool = False) -> tuple[bool, bool]:
+        """(a SIGTERM/SIGINT has arrived, a data source has failed), on any process: all must stop at the same
+        step to save together (one all-reduce per step; the loop synchronises on the loss anyway)."""
+        pending = torch.tensor(
+            [float(self.signals.signum is not None), float(data_failed)], device=self.acc.device
+        )
         if self.world > 1:
             pending = self.acc.reduce(pending, reduction="sum")
-        return bool(pending.item())
+        signalled, failed = pending.tolist()
+        return signalled > 0, failed > 0
 
-    def _next_batch(self, n: int) -> torch.Tensor:
-        seqs = torch.from_numpy(np.stack([next(self.train_data) for _ in range(n)]).astype(np.int64))
+    def _read_step(self, n: int) -> tuple[list[np.ndarray], DataUnavailable | None]:
+        """The step's `n` sequences, read before any is trained on: when the source fails part-way, the drawn
+        ones go back to the data position, so a checkpoint written now resumes at this very step."""
+        drawn: list[np.ndarray] = []
+        try:
+            while len(drawn) < n:
+                drawn.append(self.data_position.next())
+        except DataUnavailable as exc:
+            self.data_position.give_back(drawn)
+            return [], exc
+        return drawn, None
+
+    def _to_device(self, seqs: list[np.ndarray]) -> torch.Tensor:
+        batch = torch.from_numpy(np.stack(seqs).astype(np.int64))
         if self.acc.device.type == "cuda" and self.cfg.train.dataloader_pin_memory:
             # page-locked host memory makes the copy below asynchronous
-            seqs = seqs.pin_memory()
-        return seqs.to(self.acc.device, non_blocking=True)
+            batch = batch.pin_memory()
+        return batch.to(self.acc.device, non_blocking=True)
 
     def _log(self, record: dict) -> None:
         self.reporter.log(record)
@@ -406,6 +491,7 @@ class Engine:
         if self.resume_path is not None:
             self.load(self.resume_path)
             res.resumed_from = str(self.resume_path)
+        self._start_reporter()
         B, A, T = t.per_device_train_batch_size, t.gradient_accumulation_steps, cfg.data.block_size
         tokens_per_step = B * A * T * self.world
         flops_tok = flops_per_token(self.n_params, self.lm.config.n_layer, self.lm.config.n_embd, T)
@@ -445,12 +531,20 @@ class Engine:
         self.bar = progress_bar(t, self.state.step, enabled=self.is_main)
         with self.signals, self.bar or contextlib.nullcontext():
             while self.state.step < t.max_steps:
-                if stopped := self._stop_requested():  # a SIGTERM/SIGINT: stop here, between two steps
-                    break
                 t0 = time.perf_counter()
+                seqs, data_error = self._read_step(A * B)
+                # a SIGTERM/SIGINT, or a source that stopped answering: stop here, between two steps
+                stopped, data_failed = self._stop_requested(data_error is not None)
+                if data_failed:
+                    self.data_position.give_back(seqs)
+                    self.data_error = data_error or DataUnavailable(
+                        "another process could not read its data: its message names the source"
+                    )
+                if stopped or data_failed:
+                    break
                 loss_sum = torch.zeros((), device=self.acc.device)
                 for micro in range(A):
-                    x = self._next_batch(B)
+                    x = self._to_device(seqs[micro * B : (micro + 1) * B])
                     # gradients are synchronised across processes on the last micro-batch only
                     with self.backend.accumulate(last=micro == A - 1):
                         with self.backend.autocast():
@@ -527,6 +621,15 @@ class Engine:
                 self.bar = None
             return self._finish(res, stopped)
 
+    def close(self) -> None:
+        """Stop the data workers, then let go of the output folder (also after an error)."""
+        close_data = getattr(getattr(self, "train_data", None), "close", None)
+        if close_data is not None:
+            close_data()
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
     def _fp16_overflow(self, loss_f: float) -> bool:
         """An inf gradient with a finite loss under fp16 is the scaler's business, not a bad step."""
         return self.backend.loss_scaling and math.isfinite(loss_f)
@@ -564,6 +667,14 @@ class Engine:
             self.state.skipped_steps,
         )
         res.data_stats = dict(self.train_data.stats)
+        if self.data_error is not None:
+            # a collective, like every save: each process hands back the step it could not train
+            path = self.save_if_changed()
+            self.reporter.close()
+            raise DataUnavailable(
+                f"{self.data_error} (checkpoint {path} holds step {self.state.step}: run the same command to resume "
+                "once the data is readable again)"
+            )
         if not stopped and self.cfg.train.save_strategy != "no" and self.cfg.train.save_steps:
             self.save_if_changed()  # the final step is always resumable (and extendable with a larger --max_steps)
         res.final_eval = None if stopped else self.evaluate()
@@ -678,9 +789,13 @@ def _model_card(cfg: Config, metrics: dict, n_params: int) -> str:
 
 def train(cfg: Config) -> TrainResult:
     """Run one training job described by `cfg`."""
+    engine = None
     try:
-        return Engine(cfg).train()
+        engine = Engine(cfg)
+        return engine.train()
     finally:
+        if engine is not None:
+            engine.close()
         # Accelerate keeps its settings (precision, DeepSpeed) in process-wide singletons and refuses a second run
         # with other settings in the same process (a notebook); forget them, but keep the process group.
         from accelerate.state import AcceleratorState, GradientState
