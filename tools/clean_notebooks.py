@@ -9,7 +9,8 @@ With no paths, every ``*.ipynb`` under the repository (outside .venv and checkpo
 Removed / normalised:
 * cell metadata ``execution`` (per-cell timestamps written by JupyterLab), ``collapsed``,
   ``scrolled``, ``ExecuteTime`` and ``heading_collapsed``-style UI state;
-* notebook metadata ``widgets`` (ipywidgets state), ``varInspector``, ``toc``;
+* notebook metadata ``widgets`` (ipywidgets state), ``varInspector``, ``toc``, and the outputs that display a
+  widget (progress bars: without the state, only their frozen first frame would remain);
 * ``metadata.kernelspec`` -> ``{"display_name": "Python 3 (ipykernel)", "language": "python",
   "name": "python3"}``;
 * ``metadata.language_info`` keeps only ``name`` (the Python patch version is volatile).
@@ -50,14 +51,19 @@ def clean_notebook_dict(nb: dict[str, Any]) -> dict[str, Any]:
         for key in VOLATILE_CELL_METADATA:
             cmeta.pop(key, None)
         cell["metadata"] = cmeta
+        if "outputs" in cell:
+            # a widget (a progress bar) lives in the widget state stripped above; its text fallback is the bar
+            # as first drawn (0%), which GitHub and nbviewer would show as a run stuck at the start
+            cell["outputs"] = [out for out in cell["outputs"] if not _is_widget(out)]
         for out in cell.get("outputs", []) or []:
-            # widget views reference state that was stripped above
-            data = out.get("data")
-            if isinstance(data, dict):
-                data.pop("application/vnd.jupyter.widget-view+json", None)
             if isinstance(out.get("metadata"), dict):
                 out["metadata"].pop("execution", None)
     return nb
+
+
+def _is_widget(out: dict[str, Any]) -> bool:
+    data = out.get("data")
+    return isinstance(data, dict) and "application/vnd.jupyter.widget-view+json" in data
 
 
 def _dumps(nb: dict[str, Any]) -> str:

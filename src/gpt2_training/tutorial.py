@@ -20,15 +20,21 @@ PROFILE_ENV = "GPT2_TUTORIAL_PROFILE"  # names a profile explicitly (the noteboo
 OUTPUT_ENV = "GPT2_TUTORIAL_OUTPUT_DIR"  # where the notebook's files go (default: runs/tutorial-<profile>)
 OFFLINE_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 
-# Sizes only: every setting that teaches something is written in the notebook's cells.
-_SMALL_RUN = dict(tokenizer_vocab_size=1024, block_size=32, micro_batch=4, accumulation=2, learning_rate=3e-3)
+# Sizes only: every setting that teaches something is written in the notebook's cells. `main_dataset` is the
+# data of the longer run (section 10): "builtin", or the parquet shards of section 5 read by `datasets`
+# ("parquet"), or OpenWebText streamed from the Hub, chosen by `choose_profile` when the Hub is reachable.
 PROFILES: dict[str, dict[str, Any]] = {
     "tiny": {
         "description": "a 2-layer, 64-wide GPT-2 and a few steps per run: what the tests execute",
         "model": dict(preset="tiny"),
-        **_SMALL_RUN,
+        "tokenizer_vocab_size": 1024,
+        "block_size": 32,
+        "micro_batch": 4,
+        "accumulation": 2,
+        "learning_rate": 3e-3,
         "warmup_steps": 2,
         "hand_steps": 4,
+        "main_dataset": "builtin",
         "main_steps": 12,
         "eval_steps": 6,
         "logging_steps": 2,
@@ -38,20 +44,23 @@ PROFILES: dict[str, dict[str, Any]] = {
         "sample_max_new_tokens": 16,
     },
     "laptop": {
-        "description": "a 4-layer, 128-wide GPT-2 trained on the built-in corpus in minutes on a laptop CPU",
-        "model": dict(preset="mini", n_embd=128, n_positions=128),
-        **_SMALL_RUN,
+        "description": "make train's 4-layer, 192-wide GPT-2 trained on the built-in corpus in minutes on a CPU",
+        "model": dict(preset="mini", n_embd=192, n_positions=128),
         "tokenizer_vocab_size": 4096,
         "block_size": 128,
+        "micro_batch": 8,
+        "accumulation": 2,
+        "learning_rate": 2e-3,
         "warmup_steps": 4,
         "hand_steps": 30,
-        "main_steps": 300,
+        "main_dataset": "builtin",
+        "main_steps": 400,
         "eval_steps": 100,
-        "logging_steps": 5,
+        "logging_steps": 20,
         "trainer_steps": 10,
-        "eval_max_sequences": 64,
+        "eval_max_sequences": 128,
         "packing_documents": 200,
-        "sample_max_new_tokens": 40,
+        "sample_max_new_tokens": 48,
     },
     "gpu": {
         "description": "GPT-2 small (124 M) with 1024-token sequences on one GPU",
@@ -63,14 +72,22 @@ PROFILES: dict[str, dict[str, Any]] = {
         "learning_rate": 6e-4,
         "warmup_steps": 20,
         "hand_steps": 30,
-        "main_steps": 2000,
-        "eval_steps": 250,
-        "logging_steps": 25,
+        "main_dataset": "openwebtext",
+        # 4,500 steps x 65,536 tokens = 295 M tokens: about 25 minutes at 200 K tokens/s (an estimate; the
+        # notebook's section 10 says where it comes from)
+        "main_steps": 4500,
+        "eval_steps": 500,
+        "logging_steps": 50,
         "trainer_steps": 20,
         "eval_max_sequences": 256,
         "packing_documents": 200,
         "sample_max_new_tokens": 48,
     },
+}
+MAIN_DATA_TEXT = {
+    "builtin": "the built-in corpus",
+    "parquet": "the parquet shards of section 5 (OpenWebText needs the Hugging Face Hub)",
+    "openwebtext": "OpenWebText, streamed from the Hugging Face Hub",
 }
 
 
@@ -114,6 +131,9 @@ def choose_profile(name: str | None = None, *, verbose: bool = True) -> dict[str
         "gpt2_tokenizer": hub or isinstance(try_to_load_from_cache("gpt2", "tokenizer.json"), str),
         "output_root": str(Path(os.environ.get(OUTPUT_ENV) or REPO_ROOT / "runs" / f"tutorial-{chosen}")),
     }
+    if profile["main_dataset"] == "openwebtext" and not hub:
+        # the same datasets streaming code, on the local parquet shards that section 5 writes
+        profile["main_dataset"] = "parquet"
     if not cuda:
         # DeepSpeed (imported by transformers.Trainer when installed) otherwise logs its accelerator guess
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -124,7 +144,8 @@ def choose_profile(name: str | None = None, *, verbose: bool = True) -> dict[str
             f"mixed precision: {profile['mixed_precision'] or 'none (fp32)'}\n"
             f"Hugging Face Hub reachable: {yes_no[hub]}; Activeloop reachable: "
             f"{yes_no[profile['activeloop_reachable']]}; GPT-2 tokenizer available: "
-            f"{yes_no[profile['gpt2_tokenizer']]}\nfiles go to {_shown(Path(profile['output_root']))}"
+            f"{yes_no[profile['gpt2_tokenizer']]}\nthe longer run (section 10) trains on: "
+            f"{MAIN_DATA_TEXT[profile['main_dataset']]}\nfiles go to {_shown(Path(profile['output_root']))}"
         )
     return profile
 
@@ -200,43 +221,28 @@ def memory_table(
 
 
 def benchmark_table(results_dir: Path = REPO_ROOT / "bench" / "results") -> Table:
-    """The engine, a raw PyTorch loop and transformers.Trainer side by side, from the committed benchmark."""
+    """The engine, a raw PyTorch loop and transformers.Trainer side by side, from the committed benchmark: the
+    median step of each (the figure its report compares) and its ratio to the raw loop's."""
     path = sorted(results_dir.glob("cpu-*.json"))[0]
     record = json.loads(path.read_text())
-    train = record["training"]
+    train = {r["name"]: r for r in record["training"]["rows"]}
+    raw_ms = 1000 * train["raw"]["median_step_s"]
     rows = [
         {
-            "loop": r["name"],
-            "what": r["what"],
-            "tokens/s": r["tokens_per_s"],
-            "ms/step": 1000 * r["step_time_s"],
-            "peak memory MiB": r["peak_memory_bytes"] / (1 << 20),
+            "loop": name,
+            "what": train[name]["what"],
+            "median step (ms)": 1000 * train[name]["median_step_s"],
+            "vs raw loop": 1000 * train[name]["median_step_s"] / raw_ms,
         }
-        for r in train["rows"]
-        if r["name"] in ("engine", "raw", "hf_trainer")
+        for name in ("raw", "engine", "hf_trainer")
     ]
-    m = record["machine"]
-    return Table(rows, caption=f"{_shown(path)}: {m['cpu']}, {m['usable_cpus']} cores, torch {m['torch']}")
-
-
-def evaluation_table(result) -> Table:
-    """Held-out numbers of the untrained and the trained model, next to the unigram byte entropy."""
-
-    def row(name: str, ev: Mapping[str, float] | None) -> dict[str, Any]:
-        ev = ev or {}
-        return {
-            "model": name,
-            "loss (nats/token)": ev.get("eval_loss"),
-            "perplexity": ev.get("eval_perplexity"),
-            "bits per byte": ev.get("eval_bpb"),
-        }
-
-    rows = [
-        row("untrained (step 0)", result.initial_eval),
-        row(f"trained ({result.step} steps, {result.tokens_seen:,} tokens)", result.final_eval),
-        {"model": "byte frequencies only (unigram entropy)", "bits per byte": result.unigram_bpb},
-    ]
-    return Table(rows, caption="held-out text, never trained on")
+    m, s = record["machine"], record["training"]["settings"]
+    return Table(
+        rows,
+        caption=f"{_shown(path)}: {m['cpu']}, {m['usable_cpus']} cores, {s['threads']} torch thread, torch "
+        f"{m['torch']}; {s['preset']} preset ({train['engine']['n_params']:,} parameters), micro-batch "
+        f"{s['micro_batch']} x {s['seq_len']} tokens, median of {s['repeats']} runs",
+    )
 
 
 # -- plots ----------------------------------------------------------------------------------------------------------
