@@ -301,3 +301,52 @@ def test_an_object_array_in_a_checkpoint_is_a_one_line_error(tmp_path, env, caps
     assert proc.returncode == 2, proc.stdout
     (line,) = _error_lines(proc)
     assert "rank0.npz" in line and "Traceback" not in proc.stdout
+
+
+# -- a source that stops being readable mid-run -------------------------------------------------------------------
+def _word_corpus(folder: Path, files: int, words: int) -> None:
+    """`files` text files of seeded random words: every file is read in its own turn, long after the start."""
+    rng = np.random.default_rng(0)
+    vocab = np.array(
+        ["alpha", "beta", "gamma", "delta", "river", "stone", "light", "north", "paper", "green"]
+    )
+    folder.mkdir()
+    for i in range(files):
+        (folder / f"part-{i:02d}.txt").write_text(" ".join(rng.choice(vocab, words)) + "\n")
+
+
+def test_a_corpus_file_deleted_mid_run_stops_with_a_checkpoint_and_resumes_exactly(tmp_path, env):
+    corpus, away = tmp_path / "corpus", tmp_path / "away"
+    _word_corpus(corpus, files=12, words=60_000)
+    settings = dict(
+        dataset=str(corpus),
+        block_size=64,
+        per_device_train_batch_size=32,
+        save_steps=100_000,
+        shuffle_shards="false",
+        sample_max_new_tokens=0,
+        # the learning rate does not depend on max_steps, so runs of different lengths are comparable
+        lr_scheduler_type="constant_with_warmup",
+    )
+    out = tmp_path / "run"
+    proc = start_train(tiny_args(out, **settings, max_steps=100_000), env)
+    wait_for(lambda: len(read_log(out)) >= 3, 120, proc)
+    away.mkdir()
+    for f in corpus.iterdir():
+        os.replace(f, away / f.name)
+    stopped, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2, stopped
+    (line,) = [x for x in stopped.splitlines() if x.startswith("error:")]
+    assert str(corpus) in line and "run the same command to resume" in line, line
+    step = int(re.search(r"checkpoint \S*checkpoint-(\d+) holds step (\d+)", line).group(2))
+    assert ckpt.verify(out / f"checkpoint-{step}") is None
+    for f in away.iterdir():
+        os.replace(f, corpus / f.name)
+    resumed = run_train(tiny_args(out, **settings, max_steps=step + 3), env)
+    assert resumed.returncode == 0, resumed.stdout
+    assert f"resuming from {out / f'checkpoint-{step}'} at step {step}" in resumed.stdout
+    straight = run_train(tiny_args(tmp_path / "straight", **settings, max_steps=step + 3), env)
+    assert straight.returncode == 0, straight.stdout
+    ref = {r["step"]: r["loss"] for r in read_log(tmp_path / "straight") if r["event"] == "train"}
+    got = {r["step"]: r["loss"] for r in read_log(out) if r["event"] == "train"}
+    assert got == ref
