@@ -38,9 +38,9 @@ def same_size_other_text(path: Path, unit: int = 1) -> None:
 
 
 def builtin_tokenizer(shared_cache: Path) -> str:
-    """The tiny runs' BPE tokenizer from the session cache: a corpus change then changes nothing else."""
-    (folder,) = (shared_cache / "tokenizers").glob("bpe-1024-*")
-    return str(folder)
+    """A BPE tokenizer from the session cache, fixed for the whole test: a corpus change then changes nothing
+    else (with --tokenizer train it would change the tokenizer too)."""
+    return str(sorted((shared_cache / "tokenizers").glob("bpe-1024-*"))[0])
 
 
 def test_a_file_changed_in_the_middle_keeps_its_ends_but_not_its_time(tmp_path: Path) -> None:

@@ -481,7 +481,8 @@ def test_deeply_nested_json_is_a_one_line_error_naming_file_and_line(tmp_path: P
     )
     source = open_source(str(path), shuffle=False)
     with pytest.raises(
-        DataError, match=rf"^{re.escape(str(path))}, line 3 \(byte 39\): a JSON record nested too deeply"
+        DataError,
+        match=rf"^{re.escape(str(path))} \(byte 39\): the JSON record on line 3 is nested too deeply",
     ):
         collect(source)
 

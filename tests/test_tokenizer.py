@@ -24,7 +24,7 @@ class CustomTokenizerFast(PreTrainedTokenizerFast):
 
 def custom_code_tokenizer(shared_cache: Path, folder: Path) -> Path:
     """The tiny runs' tokenizer, plus a module and an `auto_map` that tell transformers to import it."""
-    (source,) = (shared_cache / "tokenizers").glob("bpe-1024-*")
+    source = sorted((shared_cache / "tokenizers").glob("bpe-1024-*"))[0]
     shutil.copytree(source, folder)
     config_path = folder / "tokenizer_config.json"
     config = json.loads(config_path.read_text())

@@ -45,7 +45,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import urlparse
 
 from gpt2_training.errors import ConfigError, DataError, DataUnavailable
@@ -363,13 +363,13 @@ class LocalFileSource(_ShardedSource):
                 begin, offset = offset, offset + len(raw)
                 if not raw.strip():
                     continue
+                where = f"{path} (byte {begin})"
                 text = self._decode(raw, path, begin)
                 try:
                     record = json.loads(text)
                 except (json.JSONDecodeError, RecursionError) as error:
-                    where = f"{path}, line {_line_number(path, begin)} (byte {begin})"
-                    raise _json_error(error, where) from error
-                yield begin, self._field(record, f"{path} (byte {begin})"), offset, True
+                    raise _json_error(error, where, _line_number(path, begin)) from error
+                yield begin, self._field(record, where), offset, True
 
     def _read_json_list(self, path: Path, offset: int) -> Iterator[_Segment]:
         # A JSON array cannot be read incrementally with the standard library; such files are small in practice.
@@ -570,7 +570,7 @@ def _identity(path: str | Path) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-def _folder_error(error: OSError) -> None:
+def _folder_error(error: OSError) -> NoReturn:
     raise DataError(
         f"cannot read folder {error.filename} ({error.strerror}); make it readable or leave it out of --dataset"
     ) from error
@@ -632,7 +632,6 @@ def _list(folder: Path) -> list[str]:
         return []
     except OSError as error:
         _folder_error(error)
-        raise
 
 
 def _folders_below(folder: Path) -> list[Path]:
@@ -683,10 +682,13 @@ def _parse_json(text: str, where: str) -> Any:
         raise _json_error(error, where) from error
 
 
-def _json_error(error: ValueError | RecursionError, where: str) -> DataError:
+def _json_error(error: ValueError | RecursionError, where: str, line: int | None = None) -> DataError:
+    on_line = f" on line {line}" if line is not None else ""
     if isinstance(error, RecursionError):
-        return DataError(f"{where}: a JSON record nested too deeply to read; flatten or remove it")
-    return DataError(f"{where}: invalid JSON ({error.msg}); fix or remove the line")
+        return DataError(
+            f"{where}: the JSON record{on_line} is nested too deeply to read; flatten or remove it"
+        )
+    return DataError(f"{where}: invalid JSON{on_line} ({error.msg}); fix or remove the line")
 
 
 def _line_number(path: Path, offset: int) -> int:
