@@ -126,3 +126,24 @@ def test_a_checkpoint_without_content_cannot_vouch_for_the_corpus() -> None:
     (change,) = content_changes(None, {"a.txt": [1, 2, "00"]})
     assert "records no corpus content" in change
     assert content_changes(None, {}) == []
+
+
+def test_a_deeplake_dataset_records_its_version(tmp_path: Path) -> None:
+    """A remote-style source has no files to hash: its version is recorded, and a new commit is named."""
+    import deeplake
+    from test_sources import write_deeplake
+
+    lake = write_deeplake(tmp_path / "lake", ["one", "two"])
+    saved = open_source(str(lake)).content_fingerprint()
+    assert list(saved) == ["DeepLake version"] and saved["DeepLake version"]
+    dataset = deeplake.open(str(lake))
+    dataset.append({"text": ["three"], "id": [2]})
+    dataset.commit()
+    (change,) = content_changes(saved, open_source(str(lake)).content_fingerprint())
+    assert change.startswith(f"corpus DeepLake version: checkpoint has {saved['DeepLake version']!r}")
+
+
+def test_local_files_read_through_datasets_are_fingerprinted_too(tmp_path: Path) -> None:
+    paths = write_corpus(tmp_path / "corpus", files=2)
+    content = open_source(f"hf-text:{tmp_path / 'corpus'}").content_fingerprint()
+    assert content == {str(p): file_fingerprint(p) for p in paths}
