@@ -558,11 +558,12 @@ def check_resume_compatible(saved: dict, current: dict, allow_changes: bool) -> 
                 f" (on {n} processes the same global batch of {g} sequences needs per_device_train_batch_size x "
                 f"gradient_accumulation_steps = {g / n:g}; --allow_resume_changes accepts another global batch)"
             )
+        what = "settings and corpus files" if corpus else "settings"
         if corpus:
             hint += " (--allow_resume_changes resumes on the changed corpus from the saved positions)"
         raise ConfigError(
             [f"cannot resume: {d}" for d in diffs + corpus]
-            + [f"restore the original settings, or start a new run with --resume never{hint}"]
+            + [f"restore the original {what}, or start a new run with --resume never{hint}"]
         )
     if accepted:
         print(
