@@ -147,3 +147,26 @@ def test_local_files_read_through_datasets_are_fingerprinted_too(tmp_path: Path)
     paths = write_corpus(tmp_path / "corpus", files=2)
     content = open_source(f"hf-text:{tmp_path / 'corpus'}").content_fingerprint()
     assert content == {str(p): file_fingerprint(p) for p in paths}
+
+
+def test_the_commit_of_a_streamed_hub_dataset_is_read_from_its_resolved_files(tmp_path: Path) -> None:
+    """`datasets` resolves a Hub dataset's files to hf://datasets/NAME@COMMIT/... URLs; offline, a local folder
+    named like one stands in for them, read through the same streaming loader."""
+    import datasets
+
+    from gpt2_training.data.sources import _hub_commit
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    folder = tmp_path / f"Skylion007/openwebtext@{commit}" / "plain_text"
+    folder.mkdir(parents=True)
+    (folder / "train.jsonl").write_text('{"text": "a"}\n')
+    dataset = datasets.load_dataset(
+        "json", data_files=[str(folder / "train.jsonl")], split="train", streaming=True
+    )
+    assert _hub_commit(dataset) == commit
+    other = tmp_path / "other.jsonl"
+    other.write_text('{"text": "b"}\n')
+    assert (
+        _hub_commit(datasets.load_dataset("json", data_files=[str(other)], split="train", streaming=True))
+        is None
+    )

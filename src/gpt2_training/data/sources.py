@@ -37,6 +37,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import socket
 import sys
 from abc import ABC, abstractmethod
@@ -500,8 +501,10 @@ def open_source(
     if kind == "hf":
         repo, _, config = rest.partition(":")
         dataset = _load_hf(repo, config or None, None, split, revision)
-        # the commit behind an unpinned name is not recorded: only a pinned revision is checked on resume
-        content = {"Hub revision": revision or "the default branch (not pinned)"}
+        content = {"Hub revision": revision or "the default branch"}
+        commit = _hub_commit(dataset)
+        if commit is not None:
+            content["Hub commit"] = commit
         return HuggingFaceSource(
             f"Hugging Face dataset {rest} ({split})", dataset, text_field, **common, content=content
         )
@@ -754,6 +757,17 @@ def _load_hf(
         raise DataError(
             f"could not load Hugging Face dataset {path!r} (split {split!r}): {detail}; {advice}"
         ) from error
+
+
+def _hub_commit(dataset: Any) -> str | None:
+    """The commit a streamed Hub dataset reads: `datasets` resolves its files to hf://datasets/NAME@COMMIT/...
+    URLs, kept by the example iterable it builds (not a public attribute: None when it is not found)."""
+    kwargs = getattr(getattr(dataset, "_ex_iterable", None), "kwargs", None) or {}
+    for name in kwargs.get("base_files") or []:
+        found = re.search(r"@([0-9a-f]{40})/", str(name))
+        if found:
+            return found.group(1)
+    return None
 
 
 def _hub_resolvable() -> bool:
