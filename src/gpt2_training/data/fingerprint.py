@@ -28,8 +28,8 @@ def file_fingerprint(path: str | Path) -> list:
                 digest.update(f.read(END_BLOCK))
     except OSError as error:
         raise DataError(
-            f"cannot read {path} ({error.strerror or type(error).__name__}): make it readable, or leave it out "
-            "of --dataset"
+            f"cannot read {path} ({error.strerror or type(error).__name__}); make it readable, or leave it out "
+            "of the corpus"
         ) from error
     return [stat.st_size, stat.st_mtime_ns, digest.hexdigest()]
 
