@@ -225,7 +225,9 @@ def main(argv=None) -> dict:
         try:
             from transformers import AutoTokenizer
 
-            gpt2 = AutoTokenizer.from_pretrained("gpt2", use_fast=True, local_files_only=True)
+            gpt2 = AutoTokenizer.from_pretrained(
+                "gpt2", use_fast=True, local_files_only=True, trust_remote_code=False
+            )
             gpt2.model_max_length = 1 << 30
             rows += bench_tokenizer("gpt2", gpt2, docs, a.block_size, a.micro_batch, False, a.repeats)
             gpt2_note = "measured (found in the local Hugging Face cache)"

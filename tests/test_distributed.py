@@ -168,6 +168,9 @@ def test_only_rank0_writes_logs_checkpoints_and_samples(ddp):
         "checkpoint-3",
         "checkpoint-6",
         "final",
+        # the marker that says whose folder this is, and the lock the run held (outdir.py)
+        "gpt2-training-run.json",
+        "gpt2-training-run.lock",
         "train_log.jsonl",
     ]
     ck = out / "checkpoint-6"
@@ -176,6 +179,21 @@ def test_only_rank0_writes_logs_checkpoints_and_samples(ddp):
     }
     state = json.loads((ck / "trainer_state.json").read_text())
     assert state["fingerprint"]["world_size"] == 2 and state["step"] == STEPS
+
+
+@pytest.mark.slow
+def test_a_run_with_nothing_left_to_train_exits_0_on_every_rank(shards, ddp, tmp_path):
+    """The same command again on a finished 2-process run: it resumes at its last step, trains nothing, evaluates
+    and saves; every rank leaves its process group and exits 0 (torchrun reports any other status as a failure),
+    and the log keeps one record per step."""
+    out = tmp_path / "again"
+    shutil.copytree(ddp[0], out)
+    proc = _run(torchrun_command(_common(shards, out), 2))
+    assert f"resuming from {out / f'checkpoint-{STEPS}'} at step {STEPS}" in proc.stdout
+    assert "terminate called" not in proc.stdout + proc.stderr
+    records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["event"] == "train"] == list(range(1, STEPS + 1))
+    assert [r["event"] for r in records if r["step"] == STEPS].count("eval") == 1, records
 
 
 @pytest.mark.slow

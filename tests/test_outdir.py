@@ -34,6 +34,15 @@ def _error_lines(proc: subprocess.CompletedProcess) -> list[str]:
     return [line for line in proc.stdout.splitlines() if line.startswith("error:")]
 
 
+def _train(argv: list[str], capsys) -> subprocess.CompletedProcess:
+    """`train.py ARGV` in this process (seconds faster than a subprocess), its output merged as `stdout`."""
+    from gpt2_training.cli import run
+
+    code = run(argv)
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, code, captured.out + captured.err, None)
+
+
 # -- folders a run must never use ----------------------------------------------------------------------------------
 def test_root_home_cwd_parents_and_repository_are_refused(tmp_path, monkeypatch):
     """Checked on the guard itself: nothing is ever run against these folders."""
@@ -70,11 +79,11 @@ def test_a_folder_holding_the_data_tokenizer_or_weights_is_refused(tmp_path):
     outdir.refuse_unsafe(tmp_path / "run", "--output_dir", {"dataset": str(data)})
 
 
-def test_dataset_folder_as_output_dir_is_refused_and_kept(tmp_path, env):
+def test_dataset_folder_as_output_dir_is_refused_and_kept(tmp_path, env, capsys):
     data = tmp_path / "corpus"
     data.mkdir()
     (data / "a.txt").write_text("Some text for training.\n" * 50)
-    proc = run_train(tiny_args(data, dataset=str(data)), env)
+    proc = _train(tiny_args(data, dataset=str(data)), capsys)
     assert proc.returncode == 2, proc.stdout
     assert "holds the dataset" in proc.stdout
     assert sorted(p.name for p in data.iterdir()) == ["a.txt"]
@@ -93,12 +102,12 @@ def test_prepare_refuses_an_unsafe_out(tmp_path, env):
 
 
 # -- only the tool's own files are replaced ------------------------------------------------------------------------
-def test_overwrite_keeps_foreign_files_and_lists_them(tmp_path, env):
+def test_overwrite_keeps_foreign_files_and_lists_them(tmp_path, env, capsys):
     out = tmp_path / "run"
-    assert run_train(tiny_args(out, max_steps=2), env).returncode == 0
+    assert _train(tiny_args(out, max_steps=2), capsys).returncode == 0
     files = _user_files(out)
     before = sorted(p.name for p in out.iterdir())
-    proc = run_train(tiny_args(out, "--overwrite_output_dir", "--resume", "never", max_steps=2), env)
+    proc = _train(tiny_args(out, "--overwrite_output_dir", "--resume", "never", max_steps=2), capsys)
     assert proc.returncode == 2, proc.stdout
     (line,) = _error_lines(proc)
     assert "precious.txt" in line and "sub/" in line and "move them elsewhere" in line
@@ -106,22 +115,22 @@ def test_overwrite_keeps_foreign_files_and_lists_them(tmp_path, env):
     assert all((out / name).read_bytes() == data for name, data in files.items())
 
 
-def test_overwrite_replaces_only_what_the_tool_wrote(tmp_path, env):
+def test_overwrite_replaces_only_what_the_tool_wrote(tmp_path, env, capsys):
     out = tmp_path / "run"
-    assert run_train(tiny_args(out, max_steps=4), env).returncode == 0
+    assert _train(tiny_args(out, max_steps=4), capsys).returncode == 0
     old_model = (out / "final" / "model.safetensors").read_bytes()
-    proc = run_train(tiny_args(out, "--overwrite_output_dir", "--resume", "never", max_steps=2, seed=7), env)
+    proc = _train(tiny_args(out, "--overwrite_output_dir", "--resume", "never", max_steps=2, seed=7), capsys)
     assert proc.returncode == 0, proc.stdout
     assert "removed the earlier run's checkpoint-2, checkpoint-4" in proc.stdout
     assert (out / "final" / "model.safetensors").read_bytes() != old_model
     assert [r["step"] for r in read_log(out) if r["event"] == "train"] == [1, 2]
 
 
-def test_a_users_folder_is_never_trained_into(tmp_path, env):
+def test_a_users_folder_is_never_trained_into(tmp_path, env, capsys):
     out = tmp_path / "mine"
     out.mkdir()
     _user_files(out)
-    proc = run_train(tiny_args(out, max_steps=2), env)
+    proc = _train(tiny_args(out, max_steps=2), capsys)
     assert proc.returncode == 2 and "precious.txt" in proc.stdout, proc.stdout
     assert sorted(p.name for p in out.iterdir()) == ["precious.txt", "sub"]
 
@@ -140,14 +149,14 @@ def test_clear_own_deletes_nothing_when_anything_foreign_is_there(tmp_path):
 
 
 # -- resume never silently starts over ------------------------------------------------------------------------------
-def test_all_damaged_checkpoints_refuse_and_change_nothing(tmp_path, env):
+def test_all_damaged_checkpoints_refuse_and_change_nothing(tmp_path, env, capsys):
     out = tmp_path / "run"
-    assert run_train(tiny_args(out, max_steps=4, save_steps=2), env).returncode == 0
+    assert _train(tiny_args(out, max_steps=4, save_steps=2), capsys).returncode == 0
     for step in (2, 4):
         with open(out / f"checkpoint-{step}" / "optimizer.pt", "r+b") as f:
             f.truncate(100)
     listing = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
-    proc = run_train(tiny_args(out, max_steps=8, save_steps=2), env)
+    proc = _train(tiny_args(out, max_steps=8, save_steps=2), capsys)
     assert proc.returncode == 2, proc.stdout
     err = "\n".join(_error_lines(proc))
     assert "no usable checkpoint" in err
@@ -157,32 +166,32 @@ def test_all_damaged_checkpoints_refuse_and_change_nothing(tmp_path, env):
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == listing
 
 
-def test_a_folder_with_only_a_final_model_refuses_to_resume(tmp_path, env):
+def test_a_folder_with_only_a_final_model_refuses_to_resume(tmp_path, env, capsys):
     out = tmp_path / "run"
-    assert run_train(tiny_args(out, max_steps=2, save_steps=0), env).returncode == 0
+    assert _train(tiny_args(out, max_steps=2, save_steps=0), capsys).returncode == 0
     assert (out / "final").is_dir() and not list(out.glob("checkpoint-*"))
     model = (out / "final" / "model.safetensors").read_bytes()
-    proc = run_train(tiny_args(out, max_steps=4), env)
+    proc = _train(tiny_args(out, max_steps=4), capsys)
     assert proc.returncode == 2 and "only a finished model in final/" in proc.stdout, proc.stdout
     assert (out / "final" / "model.safetensors").read_bytes() == model
     # the suggested way on works: the finished model's weights in a new folder
-    suggested = run_train(
-        tiny_args(tmp_path / "next", "--resume", "never", max_steps=2, init_from=str(out / "final")), env
+    suggested = _train(
+        tiny_args(tmp_path / "next", "--resume", "never", max_steps=2, init_from=str(out / "final")), capsys
     )
     assert suggested.returncode == 0, suggested.stdout
 
 
 @pytest.mark.parametrize("damage", ["manifest deleted", "empty folder"])
-def test_a_skipped_checkpoint_is_named_and_set_aside(tmp_path, env, damage):
+def test_a_skipped_checkpoint_is_named_and_set_aside(tmp_path, env, capsys, damage):
     out = tmp_path / "run"
-    assert run_train(tiny_args(out, max_steps=4, save_steps=2), env).returncode == 0
+    assert _train(tiny_args(out, max_steps=4, save_steps=2), capsys).returncode == 0
     newest = out / "checkpoint-4"
     if damage == "manifest deleted":
         (newest / "manifest.json").unlink()
     else:
         for p in newest.iterdir():
             p.unlink()
-    proc = run_train(tiny_args(out, max_steps=6, save_steps=2), env)
+    proc = _train(tiny_args(out, max_steps=6, save_steps=2), capsys)
     assert proc.returncode == 0, proc.stdout
     reason = "no manifest.json" if damage == "manifest deleted" else "the folder is empty"
     assert f"skipping damaged checkpoint {newest}: " in proc.stdout and reason in proc.stdout
@@ -275,9 +284,9 @@ def test_log_keeps_one_record_per_step_after_a_kill_and_resume(tmp_path, env):
 
 
 # -- bad checkpoint contents ----------------------------------------------------------------------------------------
-def test_an_object_array_in_a_checkpoint_is_a_one_line_error(tmp_path, env):
+def test_an_object_array_in_a_checkpoint_is_a_one_line_error(tmp_path, env, capsys):
     out = tmp_path / "run"
-    assert run_train(tiny_args(out, max_steps=2), env).returncode == 0
+    assert _train(tiny_args(out, max_steps=2), capsys).returncode == 0
     target = out / "checkpoint-2"
     buf = io.BytesIO()
     np.savez(buf, carry=np.array([{"a": 1}], dtype=object))
@@ -288,7 +297,56 @@ def test_an_object_array_in_a_checkpoint_is_a_one_line_error(tmp_path, env):
     (target / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match="not an archive of plain arrays"):
         ckpt.load_arrays(target / "rank0.npz")
-    proc = run_train(tiny_args(out, max_steps=4), env)
+    proc = _train(tiny_args(out, max_steps=4), capsys)
     assert proc.returncode == 2, proc.stdout
     (line,) = _error_lines(proc)
     assert "rank0.npz" in line and "Traceback" not in proc.stdout
+
+
+# -- a source that stops being readable mid-run -------------------------------------------------------------------
+def _word_corpus(folder: Path, files: int, words: int) -> None:
+    """`files` text files of seeded random words: every file is read in its own turn, long after the start."""
+    rng = np.random.default_rng(0)
+    vocab = np.array(
+        ["alpha", "beta", "gamma", "delta", "river", "stone", "light", "north", "paper", "green"]
+    )
+    folder.mkdir()
+    for i in range(files):
+        (folder / f"part-{i:02d}.txt").write_text(" ".join(rng.choice(vocab, words)) + "\n")
+
+
+def test_a_corpus_file_deleted_mid_run_stops_with_a_checkpoint_and_resumes_exactly(tmp_path, env):
+    corpus, away = tmp_path / "corpus", tmp_path / "away"
+    _word_corpus(corpus, files=12, words=60_000)
+    settings = dict(
+        dataset=str(corpus),
+        block_size=64,
+        per_device_train_batch_size=32,
+        save_steps=100_000,
+        shuffle_shards="false",
+        sample_max_new_tokens=0,
+        # the learning rate does not depend on max_steps, so runs of different lengths are comparable
+        lr_scheduler_type="constant_with_warmup",
+    )
+    out = tmp_path / "run"
+    proc = start_train(tiny_args(out, **settings, max_steps=100_000), env)
+    wait_for(lambda: len(read_log(out)) >= 3, 120, proc)
+    away.mkdir()
+    for f in corpus.iterdir():
+        os.replace(f, away / f.name)
+    stopped, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2, stopped
+    (line,) = [x for x in stopped.splitlines() if x.startswith("error:")]
+    assert str(corpus) in line and "run the same command to resume" in line, line
+    step = int(re.search(r"checkpoint \S*checkpoint-(\d+) holds step (\d+)", line).group(2))
+    assert ckpt.verify(out / f"checkpoint-{step}") is None
+    for f in away.iterdir():
+        os.replace(f, corpus / f.name)
+    resumed = run_train(tiny_args(out, **settings, max_steps=step + 3), env)
+    assert resumed.returncode == 0, resumed.stdout
+    assert f"resuming from {out / f'checkpoint-{step}'} at step {step}" in resumed.stdout
+    straight = run_train(tiny_args(tmp_path / "straight", **settings, max_steps=step + 3), env)
+    assert straight.returncode == 0, straight.stdout
+    ref = {r["step"]: r["loss"] for r in read_log(tmp_path / "straight") if r["event"] == "train"}
+    got = {r["step"]: r["loss"] for r in read_log(out) if r["event"] == "train"}
+    assert got == ref

@@ -302,3 +302,29 @@ def test_every_suggestion_of_a_too_small_error_works(tmp_path, tokenizer):
         next(TokenStream(open_source(str(more)), tokenizer, 4096, validation_per_mille=0))
     (more / "b.txt").write_text(LICENCE_LIKE)  # followed: add data
     assert next(TokenStream(open_source(str(more)), tokenizer, 4096, validation_per_mille=0)).shape == (4096,)
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_a_file_deleted_mid_run_stops_the_stream_with_the_file_named(jsonl, tokenizer, num_workers):
+    """The training stream (read in this thread, or ahead in the reader thread that background workers use) raises
+    DataUnavailable naming the file, which the engine turns into a checkpoint and a one-line stop. A deletion is
+    used because tests run as root, which reads a chmod 000 file."""
+    from gpt2_training.errors import DataUnavailable
+
+    src = open_source(str(jsonl), shuffle=False)
+    s = stream(
+        src,
+        tokenizer,
+        validation_per_mille=0,
+        read_chars=256,
+        num_workers=num_workers,
+        worker_backend="thread",
+    )
+    next(s)
+    (jsonl / "part2.jsonl").unlink()
+    with pytest.raises(
+        DataUnavailable, match=rf"^{jsonl / 'part2.jsonl'} stopped being readable during the run"
+    ):
+        for _ in range(10_000):
+            next(s)
+    s.close()

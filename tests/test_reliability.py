@@ -641,7 +641,8 @@ def test_resume_cost_does_not_grow_with_the_data_already_consumed(tmp_path, env,
 def test_data_that_runs_out_on_resume_is_an_error_not_a_finished_run(tmp_path, env, shared_cache):
     """If the data holds less than when the checkpoint was written (a jsonl file truncated after it), the
     resumed run stops with a DataError naming the problem and exit status 2; it never reports a finished
-    training (no final/ model)."""
+    training (no final/ model). The resume passes --allow_resume_changes: without it the content check refuses
+    the changed file before reading (tests/test_fingerprint.py)."""
     from gpt2_training.cli import main
 
     corpus = _write_corpus(tmp_path / "data.jsonl", 1500)  # ~600 K characters: read in more than one batch
@@ -661,7 +662,7 @@ def test_data_that_runs_out_on_resume_is_an_error_not_a_finished_run(tmp_path, e
     # far less than the position the checkpoint recorded, still enough documents for the same held-out rule
     corpus.write_text("".join(lines[:250]))
 
-    proc = run_train(tiny_args(out, max_steps=400, **settings), env)
+    proc = run_train(tiny_args(out, "--allow_resume_changes", "true", max_steps=400, **settings), env)
     assert proc.returncode == 2, proc.stdout[-3000:]
     errors = [line for line in proc.stdout.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "the data stream ran out while resuming" in errors[0], errors

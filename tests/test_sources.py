@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
+import subprocess
+import sys
 import time
 import tracemalloc
 from collections import Counter
@@ -151,6 +155,56 @@ def test_folders_recurse_and_globs_select(tmp_path: Path) -> None:
     assert documents(collect(open_source(str(tmp_path / "*.jsonl"), shuffle=False))) == ["top"]
     assert documents(collect(open_source(str(tmp_path / "**" / "*.jsonl"), shuffle=False))) == ["top", "deep"]
     assert documents(collect(open_source(f"file://{tmp_path / 'c.parquet'}"))) == ["pq"]
+
+
+def _loop_corpus(tmp_path: Path, files: int = 60) -> Path:
+    folder = tmp_path / "dir"
+    (folder / "sub").mkdir(parents=True)
+    for i in range(files):
+        (folder / ("sub" if i % 2 else ".") / f"doc{i:02d}.txt").write_text(f"document {i}")
+    return folder
+
+
+@pytest.mark.parametrize("spec", ["{d}", "{d}/**/*.txt", "{d}/**"])
+def test_a_link_loop_is_read_once(tmp_path: Path, spec: str) -> None:
+    """`ln -s . dir/loop` (and a second link to a file already listed): a folder scan and a recursive glob still
+    read each of the 60 files once, so no copy lands in both the training and the held-out side."""
+    folder = _loop_corpus(tmp_path)
+    (folder / "loop").symlink_to(".")
+    (folder / "sub" / "alias.txt").symlink_to("../doc00.txt")
+    source = open_source(spec.format(d=folder), shuffle=False)
+    assert len(source.files) == 60
+    assert sorted(documents(collect(source))) == sorted(f"document {i}" for i in range(60))
+
+
+def test_links_to_other_folders_are_still_followed(tmp_path: Path) -> None:
+    folder = _loop_corpus(tmp_path, files=4)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "far.txt").write_text("far away")
+    (folder / "linked").symlink_to(elsewhere)
+    for spec in (str(folder), str(folder / "**" / "*.txt")):
+        assert "far away" in documents(collect(open_source(spec, shuffle=False))), spec
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("spec", ["{d}", "{d}/**/*.txt"])
+def test_two_link_loops_do_not_hang(tmp_path: Path, spec: str) -> None:
+    """Two loops (one to the folder, one from a subfolder back up) made the old search grow without end."""
+    folder = _loop_corpus(tmp_path)
+    (folder / "loop").symlink_to(".")
+    (folder / "sub" / "up").symlink_to("..")
+    source = open_source(spec.format(d=folder), shuffle=False)
+    assert len(source.files) == 60
+
+
+def test_a_broken_link_in_the_corpus_is_named(tmp_path: Path) -> None:
+    folder = _loop_corpus(tmp_path, files=2)
+    (folder / "gone.txt").symlink_to(tmp_path / "missing.txt")
+    with pytest.raises(
+        DataError, match=rf"{re.escape(str(folder / 'gone.txt'))} is a link to .*missing\.txt"
+    ):
+        open_source(str(folder))
 
 
 def test_builtin_corpus_opens() -> None:
@@ -322,28 +376,115 @@ def test_huge_txt_file_is_read_incrementally(tmp_path: Path) -> None:
     assert source.stats["replaced_characters"] == 0
 
 
-def test_non_utf8_bytes_are_replaced_counted_and_reported(tmp_path: Path) -> None:
+def test_non_utf8_bytes_are_replaced_counted_and_reported(tmp_path: Path, capsys) -> None:
     bad_txt = tmp_path / "bad.txt"
     data = b"good \xef\xbf\xbd start \xff\xfe middle \xc3 end"
     bad_txt.write_bytes(data)
     first_bad = data.index(b"\xff")
-    with pytest.warns(UnicodeWarning, match=rf"bad\.txt.*byte offset {first_bad}\b"):
-        source = open_source(str(bad_txt))
-        (text,) = documents(collect(source))
+    source = open_source(str(bad_txt))
+    (text,) = documents(collect(source))
     assert text == "good \ufffd start \ufffd\ufffd middle \ufffd end"
     assert source.stats["replaced_characters"] == 3  # the valid U+FFFD in the file is not counted
+    (line,) = capsys.readouterr().err.splitlines()  # once per file, though the file was read twice
+    assert re.fullmatch(
+        rf"warning: {re.escape(str(bad_txt))}: invalid UTF-8 at byte offset {first_bad};.*", line
+    )
 
     bad_jsonl = tmp_path / "bad.jsonl"
     data = b'{"text": "ok"}\n{"text": "caf\xe9"}\n'
     bad_jsonl.write_bytes(data)
     first_bad = data.index(b"\xe9")
-    with pytest.warns(UnicodeWarning, match=rf"bad\.jsonl.*byte offset {first_bad}\b"):
-        source = open_source(str(bad_jsonl), shuffle=False)
-        assert documents(collect(source)) == ["ok", "caf\ufffd"]
+    source = open_source(str(bad_jsonl), shuffle=False)
+    assert documents(collect(source)) == ["ok", "caf\ufffd"]
     assert source.stats["replaced_characters"] == 1
+    (line,) = capsys.readouterr().err.splitlines()
+    assert re.search(rf"bad\.jsonl: invalid UTF-8 at byte offset {first_bad};", line)
+
+
+def test_non_utf8_warning_is_one_plain_line_without_a_source_line(tmp_path: Path) -> None:
+    """In a real process with Python's default warning display, the user sees exactly one line: no
+    `warnings.warn` header with a file name and line number, and no line of the project's source after it."""
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"caf\xe9 au lait")
+    code = (
+        "import sys\n"
+        "from gpt2_training.data.sources import open_source\n"
+        "source = open_source(sys.argv[1])\n"
+        "print(sum(len(p.text) for p in source.pieces()))\n"
+    )
+    env = {**os.environ, "PYTHONWARNINGS": "default"}
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(bad)], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "12"  # "caf", one U+FFFD, " au lait"
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"warning: {bad}: invalid UTF-8 at byte offset 3;"), lines
+    assert "Warning:" not in result.stderr and "sources.py" not in result.stderr
 
 
 # ---------------------------------------------------------------- errors
+
+
+def _make_unreadable(path: Path, how: str) -> None:
+    """Tests run as root, which reads a chmod 000 file, so a file is made unreadable by deleting it, putting a
+    folder in its place, or making it a link to nothing."""
+    path.unlink()
+    if how == "folder":
+        path.mkdir()
+    elif how == "dangling link":
+        path.symlink_to(path.parent / "nothing-here")
+
+
+@pytest.mark.parametrize("how", ["deleted", "folder", "dangling link"])
+def test_a_file_that_stops_being_readable_mid_run_is_named(tmp_path: Path, how: str) -> None:
+    """A file readable at start and unreadable later raises DataUnavailable, one line naming the file and what
+    to do (restore it, run the same command again), never a FileNotFoundError or IsADirectoryError."""
+    from gpt2_training.errors import DataUnavailable
+
+    paths = [
+        write_jsonl(tmp_path / "c" / f"part{i}.jsonl", [f"doc {i} {j}" for j in range(3)]) for i in range(3)
+    ]
+    source = open_source(str(tmp_path / "c"), shuffle=False)
+    pieces = source.pieces()
+    assert next(pieces).text == "doc 0 0"
+    _make_unreadable(paths[2], how)
+    with pytest.raises(DataUnavailable) as error:
+        list(pieces)
+    message = str(error.value)
+    assert message.startswith(f"{paths[2]} stopped being readable during the run (")
+    assert message.endswith("restore it, then run the same command to resume") and "\n" not in message
+
+
+@pytest.mark.parametrize("name", ["b.jsonl", "b.parquet", "b.txt"])
+def test_an_unreadable_file_at_start_is_a_one_line_error(tmp_path: Path, name: str) -> None:
+    """At start-up an unreadable file is a plain DataError naming it (the run has nothing to resume yet). Tests
+    run as root, which reads a chmod 000 file: the file listed is a folder instead, as if it had been replaced
+    between the search and the first read."""
+    from gpt2_training.data.sources import LocalFileSource
+    from gpt2_training.errors import DataUnavailable
+
+    broken = tmp_path / name
+    broken.mkdir()
+    with pytest.raises(DataError) as error:
+        LocalFileSource(str(broken), [broken], "text", "file", False, 0, 1000).content_fingerprint()
+    assert not isinstance(error.value, DataUnavailable)
+    assert str(error.value).startswith(f"cannot read {broken} (")
+    assert str(error.value).endswith("make it readable, or leave it out of --dataset")
+
+
+def test_deeply_nested_json_is_a_one_line_error_naming_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "deep.jsonl"
+    path.write_text(
+        '{"text": "fine"}\n' + '{"text": "also fine"}\n' + '{"text": ' + "[" * 100_000 + "]" * 100_000 + "}\n"
+    )
+    source = open_source(str(path), shuffle=False)
+    with pytest.raises(
+        DataError,
+        match=rf"^{re.escape(str(path))} \(byte 39\): the JSON record on line 3 is nested too deeply",
+    ):
+        collect(source)
 
 
 def test_missing_path(tmp_path: Path) -> None:

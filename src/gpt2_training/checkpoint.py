@@ -603,7 +603,24 @@ def _global_batch(fp: dict) -> int:
     return math.prod(int(fp.get(k) or 1) for k in BATCH_SPLIT)
 
 
+def _split_content(fingerprint: dict) -> tuple[dict, dict | None]:
+    """The fingerprint without the corpus content (`data_stream.content`), and that content."""
+    stream = fingerprint.get("data_stream")
+    if not isinstance(stream, dict):
+        return fingerprint, None
+    stream = dict(stream)
+    content = stream.pop("content", None)
+    return {**fingerprint, "data_stream": stream}, content
+
+
 def check_resume_compatible(saved: dict, current: dict, allow_changes: bool) -> None:
+    from .data.fingerprint import content_changes
+
+    # the corpus content is compared apart: each changed file is named, and --allow_resume_changes accepts it
+    saved, saved_content = _split_content(saved)
+    current, current_content = _split_content(current)
+    corpus = content_changes(saved_content, current_content) if "data_stream" in current else []
+    accepted, corpus = (corpus, []) if allow_changes else ([], corpus)
     same_batch = _global_batch(saved) == _global_batch(current)
 
     def differs(k: str) -> bool:
@@ -617,7 +634,7 @@ def check_resume_compatible(saved: dict, current: dict, allow_changes: bool) -> 
     ]
     if allow_changes:
         diffs = [d for d in diffs if d.split(":")[0] not in SAFE_TO_CHANGE]
-    if diffs:
+    if diffs or corpus:
         hint = (
             " (--allow_resume_changes permits a different batch size or accumulation)"
             if not allow_changes and any(d.split(":")[0] in SAFE_TO_CHANGE for d in diffs)
@@ -629,9 +646,17 @@ def check_resume_compatible(saved: dict, current: dict, allow_changes: bool) -> 
                 f" (on {n} processes the same global batch of {g} sequences needs per_device_train_batch_size x "
                 f"gradient_accumulation_steps = {g / n:g}; --allow_resume_changes accepts another global batch)"
             )
+        what = "settings and corpus files" if corpus else "settings"
+        if corpus:
+            hint += " (--allow_resume_changes resumes on the changed corpus from the saved positions)"
         raise ConfigError(
-            [f"cannot resume: {d}" for d in diffs]
-            + [f"restore the original settings, or start a new run with --resume never{hint}"]
+            [f"cannot resume: {d}" for d in diffs + corpus]
+            + [f"restore the original {what}, or start a new run with --resume never{hint}"]
+        )
+    if accepted:
+        print(
+            f"warning: --allow_resume_changes: resuming on a changed corpus: {'; '.join(accepted)}",
+            flush=True,
         )
 
 

@@ -127,11 +127,17 @@ class RunArguments:
     )
     resume: str = field(
         default="auto",
-        metadata={"help": "'auto' (newest complete checkpoint in output_dir), 'never', or a path."},
+        metadata={
+            "help": "'auto' (the newest sound checkpoint in output_dir; an error if the folder holds a run with "
+            "none), 'never', or a checkpoint path."
+        },
     )
     overwrite_output_dir: bool = field(
         default=False,
-        metadata={"help": "Delete an existing output_dir before starting (with --resume never)."},
+        metadata={
+            "help": "With --resume never: replace what an earlier run wrote in output_dir (only the tool's own "
+            "files; a folder holding anything else is refused)."
+        },
     )
     allow_resume_changes: bool = field(
         default=False,

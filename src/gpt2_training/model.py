@@ -77,10 +77,16 @@ def enable_activation_checkpointing(lm: GPT2LMHeadModel, kwargs: dict | None = N
 
 def load_pretrained(name_or_path: str, args: ModelArguments) -> GPT2LMHeadModel:
     """Load weights from a local folder or the Hub, with a clear message when offline."""
+    from .data.tokenizer import refuse_custom_code
+
     local = Path(name_or_path)
+    refuse_custom_code(
+        name_or_path, "--init_from", "use a GPT-2 folder without auto_map, such as `final/` of a run"
+    )
     try:
         return GPT2LMHeadModel.from_pretrained(
             name_or_path,
+            trust_remote_code=False,
             attn_implementation=args.attn_implementation,
             resid_pdrop=args.dropout,
             embd_pdrop=args.dropout,

@@ -484,11 +484,14 @@ class TokenStream:
         }
 
     def fingerprint(self) -> dict[str, Any]:
-        """What the saved positions depend on: a resume with other values cannot seek to them."""
+        """What the saved positions depend on: a resume with other values cannot seek to them, and one on other
+        text (`content`: each file's size, time and ends; a remote revision) would read other documents."""
+        content = getattr(self.source, "content_fingerprint", dict)()
         return {
             "source": self.source.description,
             "source_shards": int(getattr(self.source, "num_shards", 1)),
             "held_out": "documents" if self.held_out.by_document else "tail",
+            "content": content,
         }
 
     # -- exact resumption -----------------------------------------------------------------------------------

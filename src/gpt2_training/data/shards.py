@@ -21,6 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..errors import DataError
+from .fingerprint import files_fingerprint
 from .pipeline import READ_BATCH_CHARS, HeldOut, is_validation
 from .sources import DocumentSource
 
@@ -397,9 +398,15 @@ class ShardStream:
         self.split, self.block_size, self.seed = split, block_size, seed
         self.rank, self.world_size, self.shuffle, self.loop = rank, world_size, shuffle, loop
         dtype = np.dtype(self.meta["dtype"])
-        self.maps = [
-            np.memmap(self.folder / f["file"], dtype=dtype, mode="r") for f in self.meta["shards"][split]
-        ]
+        self.maps = []
+        for f in self.meta["shards"][split]:
+            try:
+                self.maps.append(np.memmap(self.folder / f["file"], dtype=dtype, mode="r"))
+            except OSError as error:
+                raise DataError(
+                    f"cannot read {self.folder / f['file']} ({error.strerror or error}): restore the shards "
+                    f"folder, or prepare it again with `train.py prepare --out {self.folder}`"
+                ) from error
         # Window w of shard s starts at token w * block_size; the remainder of each shard is reported, not used.
         self.windows_per_shard = np.array([len(m) // block_size for m in self.maps], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(self.windows_per_shard)])
@@ -460,9 +467,14 @@ class ShardStream:
         return {"windows": self.n_windows, "unused_tokens": self.unused_tokens}
 
     def fingerprint(self) -> dict:
-        """What the saved positions depend on: the shards' source and how many token windows they hold."""
+        """What the saved positions depend on: the shards' source, how many token windows they hold, and what
+        the files hold (`content`: size, time and ends of meta.json and every shard file)."""
+        names = ["meta.json"] + [
+            f["file"] for split in sorted(self.meta["shards"]) for f in self.meta["shards"][split]
+        ]
         return {
             "source": self.meta.get("source", str(self.folder)),
             "source_shards": len(self.maps),
             "windows": self.n_windows,
+            "content": files_fingerprint([self.folder / n for n in names]),
         }

@@ -26,27 +26,32 @@ row chunks, built-in documents) is permuted by a RNG seeded from (seed, epoch); 
 their order.
 
 Text that is not valid UTF-8 is decoded with ``errors="replace"``: each bad byte sequence becomes U+FFFD, the
-number of such characters is added to ``stats["replaced_characters"]``, and one warning per file names the file
-and the byte offset of the first bad byte. Training goes on: one damaged file must not stop a long run.
+number of such characters is added to ``stats["replaced_characters"]``, and one warning line per file on stderr
+names the file and the byte offset of the first bad byte. Training goes on: one damaged file must not stop a long run.
 """
 
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 import random
+import re
 import socket
-import warnings
+import sys
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import urlparse
 
-from gpt2_training.errors import ConfigError, DataError
+from gpt2_training.errors import ConfigError, DataError, DataUnavailable
+
+from .fingerprint import files_fingerprint
 
 Position = Any  # JSON-serialisable marker; here always [shard_rank, offset, chars_done]
 
@@ -84,6 +89,11 @@ class DocumentSource(ABC):
     @abstractmethod
     def pieces(self, epoch: int = 0, position: Position | None = None) -> Iterator[Piece]:
         """Pieces of documents in epoch order, starting after `position` (None: from the start of the epoch)."""
+
+    def content_fingerprint(self) -> dict[str, Any]:
+        """What the text is, beyond `description`: [size, mtime, hash of the ends] per local file, or a remote
+        source's revision where it is known. A resume compares it (`fingerprint.content_changes`)."""
+        return {}
 
 
 class _ShardedSource(DocumentSource):
@@ -192,11 +202,12 @@ class _ShardedSource(DocumentSource):
             self.stats["replaced_characters"] += text.count("\ufffd") - data.count(b"\xef\xbf\xbd")
             if str(path) not in self._warned:
                 self._warned.add(str(path))
-                warnings.warn(
-                    f"{path}: invalid UTF-8 at byte offset {offset + error.start}; bad bytes are replaced by "
-                    "U+FFFD and counted in stats['replaced_characters']",
-                    UnicodeWarning,
-                    stacklevel=2,
+                # a plain log line: a Python warning would show the user a line of this file after it
+                print(
+                    f"warning: {path}: invalid UTF-8 at byte offset {offset + error.start}; bad bytes are "
+                    "replaced by U+FFFD and counted in the data statistics (replaced_characters)",
+                    file=sys.stderr,
+                    flush=True,
                 )
             return text
 
@@ -227,6 +238,13 @@ class BuiltinSource(_ShardedSource):
         self.documents = documents
         self._check_not_empty()
 
+    def content_fingerprint(self) -> dict[str, Any]:
+        # the corpus is assembled from this Python's standard library: another version builds other text
+        digest = hashlib.blake2b(digest_size=8)
+        for document in self.documents:
+            digest.update(document.encode("utf-8", "replace") + b"\x00")
+        return {"built-in corpus": digest.hexdigest()}
+
     def _read(self, shard: int, offset: int) -> Iterator[_Segment]:
         if offset == 0:
             yield 0, self.documents[shard], 1, True
@@ -245,23 +263,52 @@ class LocalFileSource(_ShardedSource):
         seed: int,
         max_piece_chars: int,
     ):
+        self._running = False
         # (file, parquet row group or -1): row groups are shards so processes can split even one parquet file
-        self.shards = [(i, group) for i, f in enumerate(files) for group in _row_groups(f, text_field)]
+        self.shards = []
+        for i, path in enumerate(files):
+            try:
+                self.shards += [(i, group) for group in _row_groups(path, text_field)]
+            except OSError as error:
+                raise self._unreadable(path, error) from error
         super().__init__(
             _files_description("local files", spec, files), len(self.shards), shuffle, seed, max_piece_chars
         )
         self.files = files
         self.text_field = text_field
         self.txt_mode = txt_mode
+        self._content: dict[str, Any] | None = None
         self._check_not_empty()
+        # from here on a file that cannot be read was readable when the run started
+        self._running = True
+
+    def content_fingerprint(self) -> dict[str, Any]:
+        if self._content is None:
+            self._content = files_fingerprint(self.files)
+        return self._content
 
     def _shard_name(self, shard: int) -> str:
         index, group = self.shards[shard]
         return f"{self.files[index]}" + (f" (row group {group})" if group >= 0 else "")
 
+    def _unreadable(self, path: Path, error: OSError) -> DataError:
+        reason = error.strerror or str(error) or type(error).__name__
+        if not self._running:
+            return DataError(f"cannot read {path} ({reason}); make it readable, or leave it out of --dataset")
+        return DataUnavailable(
+            f"{path} stopped being readable during the run ({reason}); restore it, then run the same command "
+            "to resume"
+        )
+
     def _read(self, shard: int, offset: int) -> Iterator[_Segment]:
         index, group = self.shards[shard]
         path = self.files[index]
+        try:
+            yield from self._read_file(path, group, offset)
+        except OSError as error:
+            raise self._unreadable(path, error) from error
+
+    def _read_file(self, path: Path, group: int, offset: int) -> Iterator[_Segment]:
         suffix = path.suffix.lower()
         if suffix == ".parquet":
             return self._read_parquet(path, group, offset)
@@ -318,7 +365,11 @@ class LocalFileSource(_ShardedSource):
                 if not raw.strip():
                     continue
                 where = f"{path} (byte {begin})"
-                record = _parse_json(self._decode(raw, path, begin), where)
+                text = self._decode(raw, path, begin)
+                try:
+                    record = json.loads(text)
+                except (json.JSONDecodeError, RecursionError) as error:
+                    raise _json_error(error, where, _line_number(path, begin)) from error
                 yield begin, self._field(record, where), offset, True
 
     def _read_json_list(self, path: Path, offset: int) -> Iterator[_Segment]:
@@ -349,16 +400,27 @@ class HuggingFaceSource(_ShardedSource):
     """A streamed `datasets.IterableDataset`, read shard by shard; resuming skips only inside one shard."""
 
     def __init__(
-        self, description: str, dataset: Any, text_field: str, shuffle: bool, seed: int, max_piece_chars: int
+        self,
+        description: str,
+        dataset: Any,
+        text_field: str,
+        shuffle: bool,
+        seed: int,
+        max_piece_chars: int,
+        content: dict[str, Any] | None = None,
     ):
         super().__init__(
             f"{description} ({dataset.num_shards} shards)", dataset.num_shards, shuffle, seed, max_piece_chars
         )
         self.dataset = dataset
         self.text_field = text_field
+        self._content = content or {}
         if dataset.column_names is not None:  # known up front for parquet; json learns it from the first row
             _require_field(text_field, dataset.column_names, description)
         self._check_not_empty()
+
+    def content_fingerprint(self) -> dict[str, Any]:
+        return self._content
 
     def _read(self, shard: int, offset: int) -> Iterator[_Segment]:
         part = self.dataset.shard(num_shards=self.num_shards, index=shard)
@@ -388,6 +450,11 @@ class DeepLakeSource(_ShardedSource):
         self.text_field = text_field
         _require_field(text_field, [c.name for c in dataset.schema.columns], f"DeepLake dataset {url}")
         self._check_not_empty()
+
+    def content_fingerprint(self) -> dict[str, Any]:
+        # deeplake 4 datasets name their version; a version 3 dataset read through a query does not
+        version = getattr(self.dataset, "version", None)
+        return {"DeepLake version": str(version)} if version is not None else {}
 
     def _shard_name(self, shard: int) -> str:
         return f"{self.description}, rows {shard * DEEPLAKE_CHUNK_ROWS}-"
@@ -434,7 +501,13 @@ def open_source(
     if kind == "hf":
         repo, _, config = rest.partition(":")
         dataset = _load_hf(repo, config or None, None, split, revision)
-        return HuggingFaceSource(f"Hugging Face dataset {rest} ({split})", dataset, text_field, **common)
+        content = {"Hub revision": revision or "the default branch"}
+        commit = _hub_commit(dataset)
+        if commit is not None:
+            content["Hub commit"] = commit
+        return HuggingFaceSource(
+            f"Hugging Face dataset {rest} ({split})", dataset, text_field, **common, content=content
+        )
     if kind in ("hf-json", "hf-parquet", "hf-text"):
         suffixes = {"hf-json": (".jsonl", ".json"), "hf-parquet": (".parquet",), "hf-text": (".txt",)}[kind]
         files = _find_files(rest, suffixes)
@@ -443,7 +516,11 @@ def open_source(
         )
         dataset = _load_hf(kind[3:], None, [str(f) for f in files], "train", None, **options)
         return HuggingFaceSource(
-            _files_description(f"{kind} streaming", rest, files), dataset, text_field, **common
+            _files_description(f"{kind} streaming", rest, files),
+            dataset,
+            text_field,
+            **common,
+            content=files_fingerprint(files),
         )
     if kind == "deeplake":
         return _open_deeplake(rest, text_field, **common)
@@ -457,21 +534,122 @@ def open_source(
 
 
 def _find_files(spec: str, suffixes: tuple[str, ...]) -> list[Path]:
-    """Files named by a path, folder (recursive) or glob, sorted by path, keeping only supported suffixes."""
+    """Files named by a path, folder (recursive) or glob, sorted by path, keeping only supported suffixes.
+
+    Links are followed, but never into a folder already visited, and a file reached by several paths counts
+    once (under the first path in sorted order): a link loop such as `ln -s . dir/loop` neither repeats files
+    nor keeps the search going forever."""
     if glob.has_magic(spec):
-        matches = [Path(p) for p in glob.glob(spec, recursive=True)]
+        matches = _glob(spec)
         if not matches:
             raise DataError(f"no files match {spec!r}; check the pattern and the working directory")
     else:
         matches = [Path(spec)]
         if not matches[0].exists():
             raise DataError(f"no such file or folder: {spec!r}; check the path")
-    files: set[Path] = set()
+    folders_seen: set[tuple[int, int]] = set()
+    candidates: list[Path] = []
     for match in matches:
-        files.update(match.rglob("*") if match.is_dir() else [match])
-    found = sorted(f for f in files if f.is_file() and f.suffix.lower() in suffixes)
+        candidates += _files_below(match, folders_seen) if match.is_dir() else [match]
+    found: dict[tuple[int, int], Path] = {}
+    for path in sorted(candidates):
+        if path.suffix.lower() not in suffixes:
+            continue
+        if not path.exists() and path.is_symlink():
+            raise DataError(
+                f"{path} is a link to {os.readlink(path)!r}, which does not exist; restore the target or "
+                "remove the link"
+            )
+        if path.is_file():
+            found.setdefault(_identity(path), path)
     if not found:
         raise DataError(f"no supported files in {spec!r}; supported suffixes: {', '.join(suffixes)}")
+    return sorted(found.values())
+
+
+def _identity(path: str | Path) -> tuple[int, int]:
+    """The file or folder a path leads to, links followed: the same for every path to it."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def _folder_error(error: OSError) -> NoReturn:
+    raise DataError(
+        f"cannot read folder {error.filename} ({error.strerror}); make it readable or leave it out of --dataset"
+    ) from error
+
+
+def _files_below(folder: Path, seen: set[tuple[int, int]]) -> list[Path]:
+    """Every file under `folder`, entering each folder once however many links lead to it (`seen` is shared
+    by the calls of one search)."""
+    if _identity(folder) in seen:
+        return []
+    seen.add(_identity(folder))
+    files: list[Path] = []
+    for where, folders, names in os.walk(folder, followlinks=True, onerror=_folder_error):
+        # pruning `folders` in place keeps os.walk out of folders already visited, loops included
+        kept = []
+        for name in sorted(folders):
+            key = _identity(os.path.join(where, name))
+            if key not in seen:
+                seen.add(key)
+                kept.append(name)
+        folders[:] = kept
+        files += [Path(where, name) for name in names]
+    return files
+
+
+def _glob(pattern: str) -> list[Path]:
+    """`glob.glob(pattern, recursive=True)` without its link loops: `**` enters each folder once. As in glob,
+    wildcards do not match names that start with a dot unless the pattern's part does."""
+    parts = Path(pattern).parts
+    first_magic = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    matches: list[Path] = []
+    _glob_from(Path(*parts[:first_magic]) if first_magic else Path(), parts[first_magic:], matches)
+    return matches
+
+
+def _glob_from(folder: Path, parts: tuple[str, ...], matches: list[Path]) -> None:
+    if not parts:
+        matches.append(folder)
+        return
+    head, rest = parts[0], parts[1:]
+    if head == "**":
+        for below in _folders_below(folder):
+            _glob_from(below, rest, matches)
+        return
+    if not glob.has_magic(head):
+        names = [head] if os.path.lexists(folder / head) else []
+    else:
+        hidden_too = head.startswith(".")
+        names = [n for n in _list(folder) if (hidden_too or not n.startswith(".")) and fnmatchcase(n, head)]
+    for name in names:
+        if not rest or (folder / name).is_dir():
+            _glob_from(folder / name, rest, matches)
+
+
+def _list(folder: Path) -> list[str]:
+    try:
+        return sorted(os.listdir(folder))
+    except (NotADirectoryError, FileNotFoundError):
+        return []
+    except OSError as error:
+        _folder_error(error)
+
+
+def _folders_below(folder: Path) -> list[Path]:
+    """`folder` and every folder below it whose name does not start with a dot, each real folder once."""
+    seen: set[tuple[int, int]] = set()
+    found, stack = [], [folder]
+    while stack:
+        current = stack.pop()
+        key = _identity(current)
+        if key in seen:
+            continue
+        seen.add(key)
+        found.append(current)
+        below = [current / n for n in _list(current) if not n.startswith(".") and (current / n).is_dir()]
+        stack += reversed(below)
     return found
 
 
@@ -503,8 +681,30 @@ def _starts_with_bracket(path: Path) -> bool:
 def _parse_json(text: str, where: str) -> Any:
     try:
         return json.loads(text)
-    except json.JSONDecodeError as error:
-        raise DataError(f"{where}: invalid JSON ({error.msg}); fix or remove the line") from error
+    except (json.JSONDecodeError, RecursionError) as error:
+        raise _json_error(error, where) from error
+
+
+def _json_error(error: ValueError | RecursionError, where: str, line: int | None = None) -> DataError:
+    on_line = f" on line {line}" if line is not None else ""
+    if isinstance(error, RecursionError):
+        return DataError(
+            f"{where}: the JSON record{on_line} is nested too deeply to read; flatten or remove it"
+        )
+    return DataError(f"{where}: invalid JSON{on_line} ({error.msg}); fix or remove the line")
+
+
+def _line_number(path: Path, offset: int) -> int:
+    """The line that starts at byte `offset` (counted only for an error message: a resumed reader seeks)."""
+    lines = 1
+    with path.open("rb") as f:
+        while offset > 0:
+            block = f.read(min(offset, 1 << 20))
+            if not block:
+                break
+            lines += block.count(b"\n")
+            offset -= len(block)
+    return lines
 
 
 def _split_incomplete_utf8(block: bytes, at_eof: bool) -> tuple[bytes, bytes]:
@@ -557,6 +757,17 @@ def _load_hf(
         raise DataError(
             f"could not load Hugging Face dataset {path!r} (split {split!r}): {detail}; {advice}"
         ) from error
+
+
+def _hub_commit(dataset: Any) -> str | None:
+    """The commit a streamed Hub dataset reads: `datasets` resolves its files to hf://datasets/NAME@COMMIT/...
+    URLs, kept by the example iterable it builds (not a public attribute: None when it is not found)."""
+    kwargs = getattr(getattr(dataset, "_ex_iterable", None), "kwargs", None) or {}
+    for name in kwargs.get("base_files") or []:
+        found = re.search(r"@([0-9a-f]{40})/", str(name))
+        if found:
+            return found.group(1)
+    return None
 
 
 def _hub_resolvable() -> bool:

@@ -84,13 +84,47 @@ def cached_bpe_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokeniz
     return train_bpe_tokenizer(texts, vocab_size, path)
 
 
+CUSTOM_CODE_FILES = ("config.json", "tokenizer_config.json")
+
+
+def custom_code_refusal(name_or_path: str, what: str, fix: str) -> str:
+    """The one-line refusal of a folder or Hub repository that asks to run its own Python code."""
+    return (
+        f"{what} {name_or_path!r} asks to run its own Python code (auto_map); this tool never runs custom code "
+        f"and never asks whether to: {fix}"
+    )
+
+
+def refuse_custom_code(name_or_path: str, what: str, fix: str) -> None:
+    """Raise ConfigError when a local folder's config asks for custom code (an `auto_map` entry), before
+    transformers could load it or ask the user whether to run it."""
+    folder = Path(name_or_path)
+    for name in CUSTOM_CODE_FILES:
+        try:
+            config = json.loads((folder / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            # no such file (or a Hub name): transformers, called with trust_remote_code=False, refuses the rest
+            continue
+        if isinstance(config, dict) and config.get("auto_map"):
+            raise ConfigError(
+                f"{custom_code_refusal(name_or_path, what, fix)} ({folder / name} has auto_map)"
+            )
+
+
+TOKENIZER_FIX = "use a standard tokenizer folder without auto_map, --tokenizer gpt2, or --tokenizer train"
+
+
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerFast:
-    """A fast tokenizer from a folder or the Hub, with a clear message when it cannot be reached."""
+    """A fast tokenizer from a folder or the Hub, with a clear message when it cannot be reached; one that asks
+    to run custom code is refused."""
     from transformers import AutoTokenizer
 
+    refuse_custom_code(name_or_path, "tokenizer", TOKENIZER_FIX)
     try:
-        tok = AutoTokenizer.from_pretrained(name_or_path, use_fast=True)
+        tok = AutoTokenizer.from_pretrained(name_or_path, use_fast=True, trust_remote_code=False)
     except (OSError, ValueError) as exc:
+        if "trust_remote_code" in str(exc):
+            raise ConfigError(custom_code_refusal(name_or_path, "tokenizer", TOKENIZER_FIX)) from exc
         raise ConfigError(
             f"cannot load tokenizer {name_or_path!r} ({type(exc).__name__}): check the name and your network, "
             "or use --tokenizer train (a BPE trained on your corpus) or a local tokenizer folder"
