@@ -87,6 +87,9 @@ def save_tokenizer(
         conf[name] = getattr(tokenizer, name) or eos
     conf["eos_token"] = eos
     conf["padding_side"] = "left"
+    # how this process loaded the tokenizer, not a property of the folder
+    for name in ("is_local", "local_files_only"):
+        conf.pop(name, None)
     if model_max_length is not None:
         conf["model_max_length"] = model_max_length
     path.write_text(json.dumps(conf, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
