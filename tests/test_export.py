@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from gpt2_training import export
 from gpt2_training.cli import main, parse_config, run
+from gpt2_training.data import validation_sequences
 from gpt2_training.data.tokenizer import EOS
 
 N_POSITIONS = 256  # the tiny preset's
@@ -169,8 +170,10 @@ def test_write_heldout_holds_the_evaluated_sequences_as_json_lines(trained, env,
     assert len(lines) == 8  # --eval_max_sequences
     tok = AutoTokenizer.from_pretrained(trained["fp32"].final_model_dir)
     texts = [json.loads(line)["text"] for line in lines]
-    # the text gives back the block_size tokens the run measured
-    assert all(len(tok(t).input_ids) == 32 for t in texts)
+    # the text gives back the very tokens the run measured
+    cfg = parse_config(tiny_args(tmp_path / "unused"))
+    seqs = validation_sequences(cfg.data, tok, cfg.train.seed)
+    assert [tok(t).input_ids for t in texts] == seqs.tolist()
     # a file the run did not write is never overwritten
     foreign = tmp_path / "mine.jsonl"
     foreign.write_text("keep me\n")

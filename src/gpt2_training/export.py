@@ -111,7 +111,7 @@ def model_card(
 ) -> str:
     """README.md: YAML the Hub reads (with the held-out results as model-index) and the run's facts.
     `metrics16`: the same figures measured on the 16-bit weights the folder holds, when it holds them."""
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+    from huggingface_hub import EvalResult, ModelCardData
 
     m, d, r, t = cfg.model, cfg.data, cfg.run, cfg.train
     shape = facts.shape or model_shape(m)
@@ -212,9 +212,8 @@ def model_card(
         "|---|---|",
         *[f"| {k} | {v} |" for k, v in hyper.items()],
     ]
-    return ModelCard.from_template(
-        data, template_str="---\n{{ card_data }}\n---\n\n" + "\n".join(body) + "\n"
-    ).content
+    # YAML written by huggingface_hub itself, in the form its parser (and the Hub) reads back
+    return f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body) + "\n"
 
 
 def save_final(

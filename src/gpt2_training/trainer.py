@@ -228,7 +228,8 @@ class Engine:
         )
         self.val_seqs = validation_sequences(cfg.data, self.tokenizer, data_seed)
         if self.is_main and cfg.run.write_heldout:
-            export.write_heldout(cfg.run.write_heldout, self.tokenizer.batch_decode(self.val_seqs))
+            texts = self.tokenizer.batch_decode(self.val_seqs, clean_up_tokenization_spaces=False)
+            export.write_heldout(cfg.run.write_heldout, texts)
         self.token_bytes = token_byte_lengths(self.tokenizer)
         fingerprint = _fingerprint(cfg, self.tokenizer, self.world)
         # saved data positions depend on the source's shards and on how text is held out
