@@ -305,7 +305,7 @@ class Engine:
         its own dtype."""
         alone = model is not None
         world, rank = (1, 0) if alone else (self.world, self.rank)
-        model = model or self.model
+        model = model if alone else self.model
         self.lm.eval()
         seqs = torch.from_numpy(self.val_seqs[rank::world])
         sums = torch.zeros(3, dtype=torch.float64, device=self.acc.device)  # nats, tokens, bytes
