@@ -30,8 +30,8 @@ LINT_PATHS := src tests bench 01-Full-Fine-Tuning/train.py
 NOTEBOOKS := $(wildcard 01-Full-Fine-Tuning/*.ipynb)
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-full-finetuning install-deepspeed train test lab lint format notebooks bench lock \
-        lock-check clean distclean
+.PHONY: help install install-full-finetuning install-deepspeed train test test-interop lab lint format notebooks \
+        bench lock lock-check clean distclean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -68,6 +68,11 @@ train: install-full-finetuning ## CPU quick-start training run
 test: install-deepspeed ## run the test suite (offline)
 	$(TEST_ENV) $(VPY) -m pytest $(PYTEST_ARGS)
 
+# Not part of `make test`: it builds .venv-interop (transformers 4.46, optimum-onnx, ONNX Runtime, gguf) and
+# downloads llama.cpp's converter; see tools/interop.sh.
+test-interop: install ## check a trained model in transformers 4.46, llama.cpp's GGUF converter and ONNX Runtime
+	VPY=$(VPY) PYTHON=$(PYTHON) tools/interop.sh
+
 lab: install-full-finetuning ## start JupyterLab on the tutorial
 	$(VENV)/bin/jupyter lab 01-Full-Fine-Tuning/
 
@@ -99,4 +104,4 @@ clean: ## remove caches, run outputs and build artefacts (keeps .venv)
 	  -o -name .ipynb_checkpoints \) -prune -exec rm -rf {} +
 
 distclean: clean ## clean + remove .venv
-	rm -rf $(VENV)
+	rm -rf $(VENV) .venv-interop

@@ -176,4 +176,8 @@ def test_a_finished_run_leaves_its_process_group(tmp_path, env):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == "0 False", proc.stdout[-2000:]
+    # --fsdp on one process runs FSDP2, and the start-up line says so
+    assert (
+        "; FSDP2 (full_shard: weights, gradients and optimizer state sharded over 1 process)" in proc.stdout
+    )
     assert "terminate called" not in proc.stderr

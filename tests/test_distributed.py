@@ -164,6 +164,8 @@ def test_only_rank0_writes_logs_checkpoints_and_samples(ddp):
     for step in range(1, STEPS + 1):
         assert len(re.findall(rf"^\[train\] step={step} ", proc.stdout, re.M)) == 1
     assert proc.stdout.count("model saved to") == 1
+    # the start-up line names the backend and the processes
+    assert proc.stdout.count("; DDP over 2 processes") == 1
     assert sorted(p.name for p in out.iterdir()) == [
         "checkpoint-3",
         "checkpoint-6",
@@ -399,6 +401,8 @@ def test_deepspeed_zero_matches_ddp(zero, ddp, stage):
     parts = sorted(n for n in manifest if re.search(r"zero_pp_rank_\d+_mp_rank_00_optim_states\.pt$", n))
     assert parts == [f"deepspeed/state/zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)], parts
     assert ckpt.verify(ck) is None
+    # the backend that ran, named in the model card as on the start-up line
+    assert f"DeepSpeed ZeRO-{stage} over 2 processes" in (out / "final" / "README.md").read_text()
 
 
 @pytest.mark.slow
@@ -633,6 +637,8 @@ def test_fsdp_matches_ddp_and_saves_a_loadable_model(resize_ddp, resize_fsdp):
     ck = runs["ref"] / "checkpoint-9"
     names = json.loads((ck / "manifest.json").read_text())["files"]
     assert {"dcp/.metadata", "dcp/__0_0.distcp", "dcp/__1_0.distcp"} <= set(names)
+    card = (runs["ref"] / "final" / "README.md").read_text()
+    assert "FSDP2 (full_shard: weights, gradients and optimizer state sharded over 2 processes)" in card
     from transformers import pipeline
 
     generate = pipeline("text-generation", model=str(runs["ref"] / "final"))

@@ -320,6 +320,7 @@ def test_a_corpus_file_deleted_mid_run_stops_with_a_checkpoint_and_resumes_exact
     _word_corpus(corpus, files=12, words=60_000)
     settings = dict(
         dataset=str(corpus),
+        tokenizer="train",
         block_size=64,
         per_device_train_batch_size=32,
         save_steps=100_000,

@@ -103,6 +103,13 @@ class Backend:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def _processes(self) -> str:
+        return f"{self.world} process" + ("es" if self.world > 1 else "")
+
+    def describe(self) -> str:
+        """What runs, for the start-up line, the log and the model card, e.g. 'DDP over 4 processes'."""
+        return "single process (no data parallelism)" if self.world == 1 else f"DDP over {self._processes()}"
+
     def wrap(
         self, model: torch.nn.Module, make_optimizer: Callable[[torch.nn.Module], Any]
     ) -> torch.nn.Module:
@@ -183,6 +190,11 @@ class FSDP2Backend(Backend):
     def __init__(self, train_args, precision: str, reshard_after_forward: bool):
         super().__init__(train_args, precision)
         self.reshard_after_forward = reshard_after_forward
+
+    def describe(self) -> str:
+        # the words of --fsdp: full_shard gathers the weights again for the backward, shard_grad_op keeps them
+        sharding = "full_shard" if self.reshard_after_forward else "shard_grad_op"
+        return f"FSDP2 ({sharding}: weights, gradients and optimizer state sharded over {self._processes()})"
 
     def wrap(self, model, make_optimizer):
         from torch.distributed.device_mesh import init_device_mesh
@@ -272,6 +284,9 @@ class DeepSpeedBackend(Backend):
         self.shards_weights = self.stage == 3
         # ZeRO stages partition the optimizer (and at 3 the weights) differently: a checkpoint names its stage
         self.name = f"deepspeed ZeRO-{self.stage}"
+
+    def describe(self) -> str:
+        return f"DeepSpeed ZeRO-{self.stage} over {self._processes()}"
 
     @property
     def accelerate_precision(self) -> str:

@@ -27,7 +27,6 @@ must be on a file system all nodes share); process 0 then writes the manifest an
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import math
@@ -43,7 +42,8 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, disk_full
+from .export import save_hf_model
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 _TMP_NAME = re.compile(r"^\.(checkpoint-\d+)\.tmp$")
@@ -191,7 +191,7 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         previous = latest_checkpoint(out)
         kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
-        reason = "the disk is full" if _disk_full(exc) else f"{type(exc).__name__}: {exc}"
+        reason = "the disk is full" if disk_full(exc) else f"{type(exc).__name__}: {exc}"
         raise CheckpointError(
             f"could not write checkpoint {final} ({reason}); {kept}. Free space (or point --output_dir at a "
             "bigger disk) and run the same command again to resume"
@@ -220,22 +220,6 @@ def rotate(out: Path, newest: Path, limit: int) -> None:
         kept.append(path)
     for old in kept[limit:]:
         _remove(old)
-
-
-_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-
-
-def _disk_full(exc: BaseException | None) -> bool:
-    """True when `exc` (or an exception it was raised from) is a write failing for lack of space or a file-size
-    limit. Rust writers (safetensors) only put the OS error number in their message: "... (os error 28)"."""
-    while exc is not None:
-        if getattr(exc, "errno", None) in _DISK_FULL:
-            return True
-        m = re.search(r"os error (\d+)", str(exc))
-        if m and int(m.group(1)) in _DISK_FULL:
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
 
 
 def _remove(path: Path) -> None:
@@ -658,22 +642,3 @@ def check_resume_compatible(saved: dict, current: dict, allow_changes: bool) -> 
             f"warning: --allow_resume_changes: resuming on a changed corpus: {'; '.join(accepted)}",
             flush=True,
         )
-
-
-def save_hf_model(lm, folder: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
-    """`lm` in Hugging Face's format (model.safetensors + config.json + generation_config.json), with the
-    weights of `state_dict` when given (gathered from shards). Written directly rather than by `save_pretrained`,
-    whose unwrapping imports DeepSpeed (seconds, and a warning) whenever it is installed."""
-    from safetensors.torch import save
-
-    weights = state_dict if state_dict is not None else lm.state_dict()
-    # a tied output matrix is the embedding: Hugging Face saves it once and ties it again on load
-    if getattr(lm.config, "tie_word_embeddings", False):
-        weights = {k: v for k, v in weights.items() if k != "lm_head.weight"}
-    data = save({k: v.detach().contiguous() for k, v in weights.items()}, metadata={"format": "pt"})
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "model.safetensors", "wb") as f:
-        f.write(data)
-    lm.config.save_pretrained(folder)
-    if getattr(lm, "generation_config", None) is not None:
-        lm.generation_config.save_pretrained(folder)

@@ -156,6 +156,7 @@ def prepare_main(argv: list[str]) -> dict:
     data, rest = p.parse_args_into_dataclasses(args=argv)
     from .data import resolve_tokenizer, source_from_args, source_options
     from .data.shards import prepare_shards
+    from .data.tokenizer import save_tokenizer
 
     if rest.num_proc < 1:
         raise ConfigError(f"--num_proc must be 1 or more, got {rest.num_proc}")
@@ -173,7 +174,7 @@ def prepare_main(argv: list[str]) -> dict:
         num_proc=rest.num_proc,
         source_options=source_options(data, rest.seed),
         # the tokenizer is part of the folder, so it is written before the folder appears complete
-        before_publish=lambda tmp: tokenizer.save_pretrained(tmp / "tokenizer"),
+        before_publish=lambda tmp: save_tokenizer(tokenizer, tmp / "tokenizer"),
     )
     tok_dir = Path(rest.out) / "tokenizer"
     print(

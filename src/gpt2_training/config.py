@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ PRESETS: dict[str, dict[str, int]] = {
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, n_positions=1024),  # 1.56 B
 }
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+SAVE_DTYPES = ("fp32", "bf16", "fp16")
 SUPPORTED_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_bnb_8bit", "adamw_8bit", "sgd")
 
 
@@ -160,6 +162,23 @@ class RunArguments:
     plot: bool = field(default=True, metadata={"help": "Save loss_curve.png in output_dir at the end."})
     save_final_model: bool = field(
         default=True, metadata={"help": "Save model + tokenizer to output_dir/final."}
+    )
+    save_dtype: str = field(
+        default="fp32",
+        metadata={
+            "help": "fp32 | bf16 | fp16: weights of the final model (half the size in 16 bits; its held-out "
+            "figures are measured again); checkpoints stay fp32."
+        },
+    )
+    license: str | None = field(
+        default=None,
+        metadata={"help": "License id for the model card, e.g. apache-2.0 or mit (none is stated if unset)."},
+    )
+    write_heldout: str | None = field(
+        default=None,
+        metadata={
+            "help": "Write the held-out sequences' text to this JSON-lines file (for lm-evaluation-harness)."
+        },
     )
 
 
@@ -405,6 +424,19 @@ def validate(cfg: Config, *, cuda_available: bool, bf16_ok: bool) -> None:
         problems.append("precision=fp16 needs a CUDA GPU (loss scaling); on a CPU use bf16 or fp32")
     elif r.precision == "bf16" and not bf16_ok:
         problems.append("precision=bf16 is not supported on this hardware: use fp16 (older GPUs) or fp32")
+    if r.save_dtype not in SAVE_DTYPES:
+        problems.append(f"save_dtype={r.save_dtype!r}: use one of {', '.join(SAVE_DTYPES)}")
+    if r.license is not None and not re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", r.license):
+        problems.append(
+            f"license={r.license!r}: give a license identifier as the Hub lists them, e.g. apache-2.0, mit, "
+            "cc-by-4.0 or other"
+        )
+    if r.write_heldout is not None:
+        heldout = Path(r.write_heldout)
+        if heldout.is_dir() or not heldout.parent.is_dir():
+            problems.append(
+                f"write_heldout {r.write_heldout}: give a file name in an existing folder, e.g. heldout.jsonl"
+            )
     if r.resume not in ("auto", "never") and not Path(r.resume).exists():
         problems.append(f"resume={r.resume!r}: no such checkpoint; use 'auto', 'never' or an existing path")
     if r.overwrite_output_dir and r.resume != "never":

@@ -19,9 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import random
-import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -35,11 +33,12 @@ from accelerate.utils import DistributedDataParallelKwargs, gather_object
 from transformers.utils import logging as hf_logging
 
 from . import checkpoint as ckpt
-from . import outdir, progress
+from . import export, outdir, progress
 from .backends import make_backend
 from .config import Config, model_shape, validate
 from .data import resolve_tokenizer, train_stream, validation_sequences
 from .errors import ConfigError, DataUnavailable, GPT2TrainingError, TrainingStopped
+from .hardware import describe as describe_hardware
 from .hub import check_push_to_hub, push_folder
 from .metrics import bits_per_byte, describe_mfu, flops_per_token, token_byte_lengths, unigram_byte_entropy
 from .model import CausalLMWithLoss, build_model, enable_activation_checkpointing
@@ -127,6 +126,8 @@ class Engine:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        # the model card's wall time counts from here
+        self.started = time.perf_counter()
         cuda = torch.cuda.is_available()
         validate(cfg, cuda_available=cuda, bf16_ok=bf16_supported())
         d = cfg.data
@@ -287,6 +288,9 @@ class Engine:
             cfg.data, self.tokenizer, data_seed, self.rank, self.world, num_workers=t.dataloader_num_workers
         )
         self.val_seqs = validation_sequences(cfg.data, self.tokenizer, data_seed)
+        if self.is_main and cfg.run.write_heldout:
+            texts = self.tokenizer.batch_decode(self.val_seqs, clean_up_tokenization_spaces=False)
+            export.write_heldout(cfg.run.write_heldout, texts)
         self.token_bytes = token_byte_lengths(self.tokenizer)
         fingerprint = _fingerprint(cfg, self.tokenizer, self.world)
         # saved data positions depend on the source's shards and on how text is held out
@@ -361,30 +365,35 @@ class Engine:
 
     # -- evaluation and samples ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float] | None:
+    def evaluate(self, model: torch.nn.Module | None = None) -> dict[str, float] | None:
         """Held-out loss, perplexity and bits per byte; each process takes its share, sums are reduced.
         None when a SIGTERM/SIGINT arrives meanwhile: the run must save and exit within seconds, not finish a
         long evaluation first (single process only: with several, ranks hold different numbers of batches and
-        could not agree on where to stop, so they finish the evaluation and stop at the next step)."""
+        could not agree on where to stop, so they finish the evaluation and stop at the next step).
+        `model`: a loss-computing copy (a 16-bit export's) measured by this process alone on every sequence, in
+        its own dtype."""
+        alone = model is not None
+        world, rank = (1, 0) if alone else (self.world, self.rank)
+        model = model if alone else self.model
         self.lm.eval()
-        seqs = torch.from_numpy(self.val_seqs[self.rank :: self.world])
+        seqs = torch.from_numpy(self.val_seqs[rank::world])
         sums = torch.zeros(3, dtype=torch.float64, device=self.acc.device)  # nats, tokens, bytes
         bs = self.cfg.train.per_device_eval_batch_size
         # Through the wrapped model, because under FSDP and ZeRO-3 a forward gathers the sharded weights, and
         # every process runs as many forwards as the one with the most sequences (an empty share repeats a
         # sequence and does not count it), since each forward is then a collective.
-        longest = -(-len(self.val_seqs) // self.world)
+        longest = -(-len(self.val_seqs) // world)
         # shown only when an evaluation lasts more than two seconds
         bar = progress_bar(self.cfg.train, 0, self.is_main, total=-(-longest // bs), desc="eval", delay=2.0)
         for i in range(0, longest, bs):
             if bar is not None:
                 bar.update(1)
-            if self.world == 1 and self.signals.signum is not None:
+            if world == 1 and self.signals.signum is not None:
                 self.lm.train()
                 return None
             x = seqs[i : i + bs].to(self.acc.device)
-            with self.backend.autocast():
-                mean = self.model(x if len(x) else torch.from_numpy(self.val_seqs[:1]).to(self.acc.device))
+            with contextlib.nullcontext() if alone else self.backend.autocast():
+                mean = model(x if len(x) else torch.from_numpy(self.val_seqs[:1]).to(self.acc.device))
             if not len(x):
                 continue
             targets = x[:, 1:].reshape(-1)
@@ -395,7 +404,7 @@ class Engine:
             )
         if bar is not None:
             bar.close()
-        if self.world > 1:
+        if world > 1:
             sums = self.acc.reduce(sums, reduction="sum")
         self.lm.train()
         nats, tokens, n_bytes = sums.tolist()
@@ -499,7 +508,8 @@ class Engine:
             print(
                 f"model: {self.n_params / 1e6:.2f} M parameters ({_shape_text(cfg, self.lm.config)}), precision {self.precision} "
                 f"({self.precision_reason}); effective batch {B * A * self.world} sequences = {tokens_per_step} "
-                f"tokens per step ({B} per device x {A} accumulation x {self.world} processes)"
+                f"tokens per step ({B} per device x {A} accumulation x {self.world} processes); "
+                f"{self.backend.describe()}"
                 + (
                     f"; resuming from {self.resume_path} at step {self.state.step}"
                     if self.resume_path
@@ -714,21 +724,33 @@ class Engine:
         return res
 
     def _save_final(self, res: TrainResult, state_dict: dict | None = None) -> Path:
-        """model + tokenizer in Hugging Face format, written to a temporary folder and renamed when complete;
-        `state_dict` is the gathered full state when the weights are sharded across processes."""
-        final = self.out / "final"
-        tmp = self.out / ".final.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
+        """model + tokenizer in Hugging Face format (export.py), written to a temporary folder and renamed when
+        complete; `state_dict` is the gathered full state when the weights are sharded across processes."""
         self.lm.config.use_cache = True
-        ckpt.save_hf_model(self.lm, tmp, state_dict)
-        self.tokenizer.save_pretrained(tmp)
-        metrics = {"step": res.step, "tokens_seen": res.tokens_seen, **(res.final_eval or {})}
-        (tmp / "training_metrics.json").write_text(json.dumps(metrics, indent=1))
-        (tmp / "README.md").write_text(_model_card(self.cfg, metrics, self.n_params))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        return final
+        facts = export.RunFacts(
+            step=res.step,
+            tokens_seen=res.tokens_seen,
+            n_params=self.n_params,
+            wall_time_s=time.perf_counter() - self.started,
+            hardware=describe_hardware(),
+            backend=self.backend.describe(),
+            precision=self.precision,
+        )
+
+        def evaluate(copy: torch.nn.Module) -> dict[str, float] | None:
+            return self.evaluate(CausalLMWithLoss(copy.to(self.acc.device), self.cfg.model.loss_impl))
+
+        return export.save_final(
+            self.out,
+            self.lm,
+            self.tokenizer,
+            self.cfg,
+            facts,
+            res.final_eval or {},
+            state_dict=state_dict,
+            evaluate=evaluate,
+            last_checkpoint=self.saved_path,
+        )
 
 
 def _shape_text(cfg: Config, config: Any) -> str:
@@ -766,25 +788,6 @@ def progress_bar(
         delay=delay,
         leave=desc == "train",
     )
-
-
-def _model_card(cfg: Config, metrics: dict, n_params: int) -> str:
-    lines = [
-        "---",
-        "library_name: transformers",
-        "pipeline_tag: text-generation",
-        "---",
-        "",
-        f"# GPT-2 ({cfg.model.preset}, {n_params / 1e6:.1f} M parameters)",
-        "",
-        f"Trained with gpt2-training on `{cfg.data.dataset}` for {metrics['step']} steps "
-        f"({metrics['tokens_seen']:,} tokens), initialised from `{cfg.model.init_from}`.",
-        "",
-        "| metric | value |",
-        "|---|---|",
-    ]
-    lines += [f"| {k} | {v:.4f} |" for k, v in metrics.items() if isinstance(v, float)]
-    return "\n".join(lines) + "\n"
 
 
 def train(cfg: Config) -> TrainResult:

@@ -65,6 +65,36 @@ def train_bpe_tokenizer(
     return load_tokenizer(str(out))
 
 
+def save_tokenizer(
+    tokenizer: PreTrainedTokenizerFast, folder: str | Path, model_max_length: int | None = None
+) -> None:
+    """`tokenizer.save_pretrained(folder)`, with the fields other consumers read: a class transformers 4 knows
+    (transformers 5 writes its generic `TokenizersBackend`), bos/eos/unk, and EOS as the pad token on the left,
+    the usual choice for GPT-2, which has no pad token (batched generation needs one; left padding keeps every
+    prompt's last token next to the generated ones). `model_max_length`: the model's n_positions, when the folder
+    goes with a model; a tokenizer alone keeps transformers' "no limit"."""
+    tokenizer.save_pretrained(folder)
+    path = Path(folder) / "tokenizer_config.json"
+    conf = json.loads(path.read_text(encoding="utf-8"))
+    eos = tokenizer.eos_token
+    spec = json.loads((Path(folder) / "tokenizer.json").read_text(encoding="utf-8"))
+    byte_level_bpe = (spec.get("model") or {}).get("type") == "BPE" and (spec.get("pre_tokenizer") or {}).get(
+        "type"
+    ) == "ByteLevel"
+    # GPT2TokenizerFast reads the same tokenizer.json; any other tokenizer keeps the generic class of transformers 4
+    conf["tokenizer_class"] = "GPT2TokenizerFast" if byte_level_bpe else "PreTrainedTokenizerFast"
+    for name in ("bos_token", "unk_token", "pad_token"):
+        conf[name] = getattr(tokenizer, name) or eos
+    conf["eos_token"] = eos
+    conf["padding_side"] = "left"
+    # how this process loaded the tokenizer, not a property of the folder
+    for name in ("is_local", "local_files_only"):
+        conf.pop(name, None)
+    if model_max_length is not None:
+        conf["model_max_length"] = model_max_length
+    path.write_text(json.dumps(conf, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
 def _counted(texts: Iterable[str], shown) -> Iterable[str]:
     for text in texts:
         shown.update(1)
