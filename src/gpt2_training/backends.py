@@ -586,6 +586,14 @@ def backend_problems(train_args, precision: str | None = None) -> list[str]:
             problems.append(
                 "--torch_compile with --deepspeed: use DeepSpeed's own compile section in its JSON"
             )
+    if str(getattr(train_args.optim, "value", train_args.optim)) == "muon" and (fsdp or ds) is not None:
+        # DeepSpeed builds its optimizer over flattened partitions and FSDP2 holds each matrix as row shards:
+        # neither hands Muon whole matrices, and orthogonalising a shard is not orthogonalising the matrix
+        problems.append(
+            f"--optim muon with --{'fsdp' if fsdp is not None else 'deepspeed'}: Muon orthogonalises whole "
+            "matrices, which a sharded backend does not hold; use DDP (torchrun without --fsdp/--deepspeed) "
+            "or --optim adamw_torch"
+        )
     if fsdp is not None and precision == "fp16":
         problems.append(
             "fp16 under FSDP needs a sharded gradient scaler, not wired here: use --precision bf16"

@@ -18,6 +18,7 @@ from transformers.trainer_utils import SchedulerType
 from transformers.training_args import OptimizerNames
 
 from .errors import ConfigError
+from .optim import OPTIMIZERS
 
 # Published sizes: GPT-2 paper table 2 as counted by Hugging Face (tied embeddings, 50257-token vocabulary).
 PRESETS: dict[str, dict[str, int]] = {
@@ -29,7 +30,8 @@ PRESETS: dict[str, dict[str, int]] = {
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, n_positions=1024),  # 1.56 B
 }
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-SUPPORTED_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_bnb_8bit", "adamw_8bit", "sgd")
+# --optim's choices, from optim.py's table (the one list)
+SUPPORTED_OPTIMIZERS = tuple(OPTIMIZERS)
 
 
 @dataclass
@@ -236,7 +238,13 @@ class GPT2TrainingArguments(TrainingArguments):
         if self.save_steps == 0:
             self.save_strategy = "no"
         self._translate_fsdp_words()
+        # transformers checks `optim` against its own names, which lack this project's "muon" (optim.py)
+        muon = str(getattr(self.optim, "value", self.optim)) == "muon"
+        if muon:
+            self.optim = "adamw_torch"
         super().__post_init__()
+        if muon:
+            self.optim = "muon"
 
     # TrainingArguments' FSDP words -> FSDP2's fsdp_config entries (the translation transformers 5 does itself,
     # with a deprecation warning for the string form that this project documents as `--fsdp "full_shard auto_wrap"`)
