@@ -24,10 +24,10 @@ OPTIMIZERS = {
 MUON_LR_SCALING = "match_rms_adamw"
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: torch.nn.Module | list[torch.nn.Parameter], weight_decay: float) -> list[dict]:
     """Decay 2-D weights (matmuls, embeddings); never biases or LayerNorm gains, as in GPT-2 and nanoGPT."""
     seen, decay, no_decay = set(), [], []
-    for p in model.parameters():
+    for p in model.parameters() if isinstance(model, torch.nn.Module) else model:
         if not p.requires_grad or id(p) in seen:  # tied embeddings appear twice
             continue
         seen.add(id(p))
@@ -107,7 +107,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
             **muon_kw,
         )
         self.adamw = torch.optim.AdamW(
-            _split_decay(rest, args.weight_decay),
+            param_groups(rest, args.weight_decay),
             lr=args.learning_rate,
             betas=(args.adam_beta1, args.adam_beta2),
             eps=args.adam_epsilon,
@@ -144,13 +144,6 @@ class MuonWithAdamW(torch.optim.Optimizer):
         self.adamw.load_state_dict(state_dict["adamw"])
         # loading replaces the inner optimizers' group dicts: the schedule must set the new ones
         self._bind_groups()
-
-
-def _split_decay(params: list[torch.nn.Parameter], weight_decay: float) -> list[dict]:
-    return [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
 
 
 def parse_optim_args(text: str | None) -> dict:
