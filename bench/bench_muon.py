@@ -2,7 +2,7 @@
 the best of each on three seeds; held-out loss at a fixed token budget and tokens to a target held-out loss.
 
 The target is the highest final held-out loss of AdamW's three seeds, so every AdamW run reaches it; tokens to it
-are interpolated between evaluations. Both optimizers share everything else (warm-up, cosine schedule to 10%,
+are interpolated between evaluations (bench_time_to_loss.reach). Both optimizers share everything else (warm-up, cosine schedule to 10%,
 weight decay 0.1, clipping 1.0, batch, data order). One intra-op thread (OMP_NUM_THREADS=1) unless set.
 
     .venv/bin/python bench/bench_muon.py [--steps 150]
@@ -24,6 +24,9 @@ sys.path.insert(0, str(ROOT / "src"))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+sys.path.insert(0, str(ROOT / "bench"))
+from bench_time_to_loss import reach  # noqa: E402
 
 SWEEP = {"adamw_torch": (3e-3, 1e-2), "muon": (1e-2, 3e-2)}
 SEEDS = (0, 1, 2)
@@ -70,19 +73,6 @@ def run(optim: str, lr: float, seed: int, steps: int, eval_every: int, out: Path
     }
 
 
-def tokens_to(curve: list[tuple[int, float]], target: float) -> float | None:
-    """Tokens at which the held-out loss first reaches `target`, interpolated between two evaluations."""
-    previous = None
-    for tokens, loss in curve:
-        if loss <= target:
-            if previous is None:
-                return float(tokens)
-            t0, l0 = previous
-            return t0 + (tokens - t0) * (l0 - target) / (l0 - loss)
-        previous = (tokens, loss)
-    return None
-
-
 def main() -> int:
     from gpt2_training.hardware import machine
 
@@ -112,7 +102,8 @@ def main() -> int:
     target = max(r["final_eval_loss"] for r in chosen["adamw_torch"])
     summary = {}
     for optim, runs in chosen.items():
-        reached = [tokens_to(r["curve"], target) for r in runs]
+        got = [reach([(t, 0.0, loss) for t, loss in r["curve"]], target) for r in runs]
+        reached = [None if g is None else g[0] for g in got]
         summary[optim] = {
             "learning_rate": best[optim],
             "final_eval_loss_mean": round(statistics.mean(r["final_eval_loss"] for r in runs), 4),
