@@ -1,5 +1,5 @@
-"""Muon against AdamW on the tiny preset and the built-in corpus: a small learning-rate sweep for each (seed 0), then
-the best of each on three seeds; held-out loss at a fixed token budget and tokens to a target held-out loss.
+"""Muon against AdamW on the tiny preset and the built-in corpus: a small learning-rate sweep for each (seed 0, one
+more rate where the best is at the grid's edge), then the best of each on three seeds; held-out loss at a fixed token budget and tokens to a target held-out loss.
 
 The target is the highest final held-out loss of AdamW's three seeds, so every AdamW run reaches it; tokens to it
 are interpolated between evaluations (bench_time_to_loss.reach). Both optimizers share everything else (warm-up, cosine schedule to 10%,
@@ -73,6 +73,19 @@ def run(optim: str, lr: float, seed: int, steps: int, eval_every: int, out: Path
     }
 
 
+def _earlier_runs(path: str | None, steps: int) -> dict:
+    if path is None:
+        return {}
+    record = json.loads(Path(path).read_text())
+    if record["steps"] != steps:
+        raise SystemExit(f"--reuse {path}: its runs have {record['steps']} steps, not {steps}")
+    return {(r["optim"], r["learning_rate"], r["seed"]): {**r, "reused": True} for r in record["rows"]}
+
+
+def _best(rows: list[dict], optim: str) -> float:
+    return min((r for r in rows if r["optim"] == optim), key=lambda r: r["final_eval_loss"])["learning_rate"]
+
+
 def main() -> int:
     from gpt2_training.hardware import machine
 
@@ -80,23 +93,39 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--eval_every", type=int, default=25)
     ap.add_argument("--out", default=str(ROOT / "bench/results/muon-cpu"))
+    ap.add_argument(
+        "--reuse",
+        default=None,
+        help="an earlier record with the same --steps and --eval_every: its runs are taken as they are, not rerun "
+        "(with one thread a run's losses are the same every time; its tokens/s and load stay those of its day)",
+    )
     a = ap.parse_args()
     rows: list[dict] = []
+    earlier = _earlier_runs(a.reuse, a.steps)
     with tempfile.TemporaryDirectory() as tmp:
         for optim, lrs in SWEEP.items():
             for lr in lrs:
-                rows.append(run(optim, lr, 0, a.steps, a.eval_every, Path(tmp)))
+                rows.append(
+                    earlier.get((optim, lr, 0)) or run(optim, lr, 0, a.steps, a.eval_every, Path(tmp))
+                )
                 print(json.dumps({k: v for k, v in rows[-1].items() if k != "curve"}), flush=True)
-        best = {
-            optim: min((r for r in rows if r["optim"] == optim), key=lambda r: r["final_eval_loss"])[
-                "learning_rate"
-            ]
-            for optim in SWEEP
-        }
+        best = {optim: _best(rows, optim) for optim in SWEEP}
+        for optim, lrs in SWEEP.items():
+            # a best rate at the grid's edge: one more rate beyond it (x3 or /3), so neither side is under-tuned
+            if best[optim] in (lrs[0], lrs[-1]):
+                lr = best[optim] / 3 if best[optim] == lrs[0] else best[optim] * 3
+                rows.append(
+                    earlier.get((optim, round(lr, 6), 0))
+                    or run(optim, round(lr, 6), 0, a.steps, a.eval_every, Path(tmp))
+                )
+                print(json.dumps({k: v for k, v in rows[-1].items() if k != "curve"}), flush=True)
+                best[optim] = _best(rows, optim)
         # the remaining seeds, interleaved so a change in the machine's load touches both optimizers alike
         for seed in SEEDS[1:]:
             for optim, lr in best.items():
-                rows.append(run(optim, lr, seed, a.steps, a.eval_every, Path(tmp)))
+                rows.append(
+                    earlier.get((optim, lr, seed)) or run(optim, lr, seed, a.steps, a.eval_every, Path(tmp))
+                )
                 print(json.dumps({k: v for k, v in rows[-1].items() if k != "curve"}), flush=True)
     chosen = {o: [r for r in rows if r["optim"] == o and r["learning_rate"] == best[o]] for o in SWEEP}
     target = max(r["final_eval_loss"] for r in chosen["adamw_torch"])
@@ -135,7 +164,7 @@ def markdown(r: dict) -> str:
         f"## Muon against AdamW ({m['cpu']}, {m['usable_cpus']} cores, torch {m['torch']}, one thread)",
         "",
         f"`bench/bench_muon.py`: {r['what']}; {r['steps']} steps = {r['tokens_budget']:,} tokens per run. Sweep on "
-        "seed 0, then the best learning rate of each on seeds 0-2. The machine is shared (load average per row).",
+        "seed 0 (extended past an edge optimum), then the best learning rate of each on seeds 0-2. The machine is shared (load average per row).",
         "",
         "| optimizer | learning rate | seed | held-out loss at the budget | tokens/s | load average (end) |",
         "|---|---:|---:|---:|---:|---|",
@@ -144,7 +173,7 @@ def markdown(r: dict) -> str:
         load = " / ".join(f"{x:.1f}" for x in row["load_average_at_end"])
         lines.append(
             f"| {row['optim']} | {row['learning_rate']:g} | {row['seed']} | {row['final_eval_loss']:.4f} "
-            f"| {row['tokens_per_s']:,} | {load} |"
+            f"| {row['tokens_per_s']:,} | {load}{' (earlier record)' if row.get('reused') else ''} |"
         )
     lines += [
         "",

@@ -56,7 +56,8 @@ def busy_cpus(window_s: float = 0.3) -> float | None:
         "SC_CLK_TCK"
     )
     # a share of all the machine's CPUs, applied to those this process may use
-    return max(after[0] - before[0] - own_jiffies, 0) / (after[1] - before[1]) * usable_cpus()
+    share = max(after[0] - before[0] - own_jiffies, 0) / (after[1] - before[1])
+    return min(share, 1.0) * usable_cpus()
 
 
 def choose_threads(
