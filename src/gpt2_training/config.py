@@ -397,9 +397,10 @@ def validate(cfg: Config, *, cuda_available: bool, bf16_ok: bool) -> None:
         problems.append("set --max_steps N (> 0), or --num_train_epochs E (> 0) for a corpus of known size")
     if t.learning_rate <= 0:
         problems.append("learning_rate must be > 0")
-    if str(getattr(t.optim, "value", t.optim)) not in SUPPORTED_OPTIMIZERS:
+    optim = str(getattr(t.optim, "value", t.optim))
+    if optim not in SUPPORTED_OPTIMIZERS:
         problems.append(
-            f"optim={t.optim!r} is not supported here: use one of {', '.join(SUPPORTED_OPTIMIZERS)}"
+            f"optim={optim!r} is not supported here: use one of {', '.join(SUPPORTED_OPTIMIZERS)}"
         )
     if r.precision not in PRECISIONS:
         problems.append(f"precision={r.precision!r}: use one of {', '.join(PRECISIONS)}")
