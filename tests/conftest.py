@@ -12,6 +12,11 @@ from pathlib import Path
 
 import pytest
 
+# One intra-op thread in the test process too (set before any test module loads torch), unless the caller chose:
+# on a small shared machine several threads per test process only wait on each other, and the engine's thread
+# policy (threads.py) keeps a count the environment sets, so in-process runs are reproducible whatever the load.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
 TRAIN_PY = ROOT / "01-Full-Fine-Tuning" / "train.py"

@@ -106,3 +106,26 @@ def test_memory_grid_lists_predictions_without_a_gpu():
 
     rows = bench_training.memory_grid(__import__("torch").device("cpu"))
     assert len(rows) >= 6 and all(r["predicted_peak_gib"] > 0 for r in rows)
+
+
+@pytest.mark.timeout(600)
+def test_bench_time_to_loss_smoke(tmp_path):
+    import bench_time_to_loss
+
+    record = bench_time_to_loss.main(
+        ["--steps", "2", "--eval_every", "1", "--eval_sequences", "8", "--out", str(tmp_path / "ttl")]
+    )
+    rows = {r["contender"]: r for r in record["rows"]}
+    assert len(rows) == 4 and all(r["tokens_per_s"] > 0 for r in rows.values())
+    # the same model, initialisation, data order and evaluation: the engine and the Trainer agree on the loss
+    engine, trainer = rows["this project, AdamW"], rows["transformers.Trainer, AdamW"]
+    assert engine["final_eval_loss"] == pytest.approx(trainer["final_eval_loss"], abs=2e-3)
+    assert (tmp_path / "ttl.md").read_text().count("|") > 20
+
+
+def test_time_to_loss_interpolates_between_evaluations():
+    from bench_time_to_loss import reach
+
+    curve = [(100, 1.0, 6.0), (200, 2.0, 5.0), (300, 3.0, 4.0)]
+    assert reach(curve, 4.5) == pytest.approx((250.0, 2.5))
+    assert reach(curve, 7.0) == (100.0, 1.0) and reach(curve, 3.0) is None

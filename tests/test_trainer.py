@@ -113,6 +113,22 @@ def test_resume_from_checkpoint(tmp_path, env):
         parse_config(tiny_args(out, "--resume_from_checkpoint", "True", resume="never"))
 
 
+def test_resume_is_exact_with_muon(tmp_path, env):
+    # Muon's momentum buffers and the AdamW part's moments are one optimizer state in the checkpoint
+    out = tmp_path / "run"
+    first = train(
+        parse_config(tiny_args(out, "--optim", "muon", max_steps=4, save_steps=2, learning_rate=0.02))
+    )
+    again = train(
+        parse_config(
+            tiny_args(
+                out, "--optim", "muon", "--resume_from_checkpoint", str(out / "checkpoint-2"), max_steps=4
+            )
+        )
+    )
+    assert again.losses == first.losses[2:] and len(again.losses) == 2
+
+
 def test_data_seed_changes_only_the_data(tmp_path, env):
     a = _engine(tmp_path / "a", "--data_seed", "1", shuffle_buffer=64)
     b = _engine(tmp_path / "b", "--data_seed", "2", shuffle_buffer=64)

@@ -13,6 +13,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from .threads import set_wait_policy
+
+# before anything imports torch, whose OpenMP runtime reads the wait policy once (threads.py says why)
+set_wait_policy()
+
 __all__ = ["train", "ModelArguments", "DataArguments", "RunArguments", "GPT2TrainingArguments", "Config"]
 
 

@@ -567,6 +567,7 @@ def _fsdp_settings(train_args) -> dict | None:
 def backend_problems(train_args, precision: str | None = None) -> list[str]:
     """Settings no backend can run, each with its fix (config.validate reports them before any work)."""
     from .launch import deepspeed_config
+    from .precision import resolve_precision
 
     problems: list[str] = []
     fsdp = _fsdp_settings(train_args)
@@ -601,6 +602,21 @@ def backend_problems(train_args, precision: str | None = None) -> list[str]:
             problems.append(
                 "--torch_compile with --deepspeed: use DeepSpeed's own compile section in its JSON"
             )
+    muon = str(getattr(train_args.optim, "value", train_args.optim)) == "muon"
+    if muon and (precision or resolve_precision("auto")[0]) == "fp16":
+        # the loss scaler unscales the gradients of the optimizer's parameters, and Muon's are views that
+        # receive their gradients only inside its step
+        problems.append(
+            "--optim muon with fp16 loss scaling is not wired here: use --precision bf16 (or fp32)"
+        )
+    if muon and (fsdp or ds) is not None:
+        # DeepSpeed builds its optimizer over flattened partitions and FSDP2 holds each matrix as row shards:
+        # neither hands Muon whole matrices, and orthogonalising a shard is not orthogonalising the matrix
+        problems.append(
+            f"--optim muon with --{'fsdp' if fsdp is not None else 'deepspeed'}: Muon orthogonalises whole "
+            "matrices, which a sharded backend does not hold; use DDP (torchrun without --fsdp/--deepspeed) "
+            "or --optim adamw_torch"
+        )
     if fsdp is not None and precision == "fp16":
         problems.append(
             "fp16 under FSDP needs a sharded gradient scaler, not wired here: use --precision bf16"

@@ -82,6 +82,9 @@ def parser() -> HfArgumentParser:
     for action in p._actions:
         if action.dest in hidden:
             action.help = argparse.SUPPRESS
+        if action.dest == "optim":
+            # config.validate checks this project's choices, which include a name transformers' own lacks (muon)
+            action.choices, action.type = None, str
     return p
 
 

@@ -19,6 +19,7 @@ from transformers.trainer_utils import SchedulerType
 from transformers.training_args import OptimizerNames
 
 from .errors import ConfigError
+from .optim import OPTIMIZERS
 
 # Published sizes: GPT-2 paper table 2 as counted by Hugging Face (tied embeddings, 50257-token vocabulary).
 PRESETS: dict[str, dict[str, int]] = {
@@ -31,7 +32,8 @@ PRESETS: dict[str, dict[str, int]] = {
 }
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 SAVE_DTYPES = ("fp32", "bf16", "fp16")
-SUPPORTED_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_bnb_8bit", "adamw_8bit", "sgd")
+# --optim's choices, from optim.py's table (the one list)
+SUPPORTED_OPTIMIZERS = tuple(OPTIMIZERS)
 
 
 @dataclass
@@ -261,7 +263,13 @@ class GPT2TrainingArguments(TrainingArguments):
         if self.save_steps == 0:
             self.save_strategy = "no"
         self._translate_fsdp_words()
+        # transformers checks `optim` against its own names, which lack this project's "muon" (optim.py)
+        muon = str(getattr(self.optim, "value", self.optim)) == "muon"
+        if muon:
+            self.optim = "adamw_torch"
         super().__post_init__()
+        if muon:
+            self.optim = "muon"
 
     # TrainingArguments' FSDP words -> FSDP2's fsdp_config entries (the translation transformers 5 does itself,
     # with a deprecation warning for the string form that this project documents as `--fsdp "full_shard auto_wrap"`)
@@ -414,9 +422,10 @@ def validate(cfg: Config, *, cuda_available: bool, bf16_ok: bool) -> None:
         problems.append("set --max_steps N (> 0), or --num_train_epochs E (> 0) for a corpus of known size")
     if t.learning_rate <= 0:
         problems.append("learning_rate must be > 0")
-    if str(getattr(t.optim, "value", t.optim)) not in SUPPORTED_OPTIMIZERS:
+    optim = str(getattr(t.optim, "value", t.optim))
+    if optim not in SUPPORTED_OPTIMIZERS:
         problems.append(
-            f"optim={t.optim!r} is not supported here: use one of {', '.join(SUPPORTED_OPTIMIZERS)}"
+            f"optim={optim!r} is not supported here: use one of {', '.join(SUPPORTED_OPTIMIZERS)}"
         )
     if r.precision not in PRECISIONS:
         problems.append(f"precision={r.precision!r}: use one of {', '.join(PRECISIONS)}")

@@ -1,5 +1,6 @@
-"""Optimizer and learning-rate schedule from `TrainingArguments`: AdamW (plain, fused or 8-bit), decay applied
-to matrices only, and the schedule from transformers' `get_scheduler` (cosine by default)."""
+"""Optimizer and learning-rate schedule from `TrainingArguments`: AdamW (plain, fused or 8-bit), SGD, or Muon for
+the hidden matrices beside AdamW for the rest; decay applied to matrices only; the schedule from transformers'
+`get_scheduler` (cosine by default)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,25 @@ from transformers import get_scheduler
 
 from .errors import ConfigError
 
+# The `--optim` choices (Hugging Face's names) and the kind of state each keeps, which the memory planner counts.
+OPTIMIZERS = {
+    "adamw_torch": "adamw",
+    "adamw_torch_fused": "adamw_fused",
+    "adamw_bnb_8bit": "adamw_8bit",
+    "adamw_8bit": "adamw_8bit",
+    "sgd": "sgd",
+    "muon": "muon",
+}
+# Moonshot's scaling ("Muon is Scalable for LLM Training"): each matrix's orthogonalised update is scaled by
+# 0.2 * sqrt(max(rows, columns)), so its RMS matches AdamW's (about 0.2) and one --learning_rate, warm-up and
+# schedule serve both the Muon and the AdamW parameters.
+MUON_LR_SCALING = "match_rms_adamw"
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+
+def param_groups(model: torch.nn.Module | list[torch.nn.Parameter], weight_decay: float) -> list[dict]:
     """Decay 2-D weights (matmuls, embeddings); never biases or LayerNorm gains, as in GPT-2 and nanoGPT."""
     seen, decay, no_decay = set(), [], []
-    for p in model.parameters():
+    for p in model.parameters() if isinstance(model, torch.nn.Module) else model:
         if not p.requires_grad or id(p) in seen:  # tied embeddings appear twice
             continue
         seen.add(id(p))
@@ -44,7 +59,91 @@ def build_optimizer(model: torch.nn.Module, args) -> torch.optim.Optimizer:
         return bnb.optim.AdamW8bit(groups, **kw)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=args.learning_rate, **extra)
+    if name == "muon":
+        return MuonWithAdamW(model, args, extra)
     raise ConfigError(f"optim={name!r} is not supported here")
+
+
+def _muon_matrices(model: torch.nn.Module) -> list[tuple[torch.nn.Parameter, bool, int]]:
+    """The hidden matrices Muon orthogonalises as (weight, transposed, blocks): each is seen as a linear map
+    (out x in), so a GPT-2 Conv1D's weight is transposed, and the fused attention projection (c_attn) is three
+    blocks (query, key, value), each its own map. Embeddings, the output head, LayerNorms and biases are not here."""
+    from transformers.pytorch_utils import Conv1D
+
+    lm = getattr(model, "lm", model)
+    skip = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    if hasattr(lm, "get_output_embeddings") and lm.get_output_embeddings() is not None:
+        skip.add(id(lm.get_output_embeddings().weight))
+    out = []
+    for name, module in model.named_modules():
+        if isinstance(module, (Conv1D, torch.nn.Linear)) and id(module.weight) not in skip:
+            if module.weight.requires_grad:
+                out.append((module.weight, isinstance(module, Conv1D), 3 if name.endswith("c_attn") else 1))
+    return out
+
+
+def _as_maps(tensor: torch.Tensor, transposed: bool, blocks: int) -> tuple[torch.Tensor, ...]:
+    """Views of a weight (or its gradient) as `blocks` linear maps, out x in."""
+    return (tensor.T if transposed else tensor).chunk(blocks, dim=0)
+
+
+class MuonWithAdamW(torch.optim.Optimizer):
+    """One optimizer object over two: `torch.optim.Muon` on the hidden matrices (views of the weights, so the
+    query, key and value blocks of c_attn are orthogonalised apart) and AdamW on everything else. Its
+    `param_groups` are the two optimizers' own group dicts, so the schedule sets both learning rates; its state
+    dict holds both states, so checkpoints and exact resume work as for AdamW."""
+
+    def __init__(self, model: torch.nn.Module, args, muon_kwargs: dict | None = None):
+        self._matrices = _muon_matrices(model)
+        in_muon = {id(w) for w, _, _ in self._matrices}
+        rest = [p for p in model.parameters() if p.requires_grad and id(p) not in in_muon]
+        # Muon steps views of the weights (which update them in place); each gets its slice of the gradient
+        self._views = [_as_maps(w.detach(), t, n) for w, t, n in self._matrices]
+        muon_kw = {"adjust_lr_fn": MUON_LR_SCALING, **(muon_kwargs or {})}
+        self.muon = torch.optim.Muon(
+            [v for views in self._views for v in views],
+            lr=args.learning_rate,
+            weight_decay=args.weight_decay,
+            **muon_kw,
+        )
+        self.adamw = torch.optim.AdamW(
+            param_groups(rest, args.weight_decay),
+            lr=args.learning_rate,
+            betas=(args.adam_beta1, args.adam_beta2),
+            eps=args.adam_epsilon,
+        )
+        super().__init__([w for w, _, _ in self._matrices] + rest, {"lr": args.learning_rate})
+        self._bind_groups()
+
+    def _bind_groups(self) -> None:
+        self.param_groups = self.muon.param_groups + self.adamw.param_groups
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for (w, transposed, blocks), views in zip(self._matrices, self._views, strict=True):
+            grads = (None,) * blocks if w.grad is None else _as_maps(w.grad, transposed, blocks)
+            for view, grad in zip(views, grads, strict=True):
+                view.grad = grad
+        self.muon.step()
+        self.adamw.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for (w, _, _), views in zip(self._matrices, self._views, strict=True):
+            for view in views:
+                view.grad = None
+            w.grad = None if set_to_none or w.grad is None else w.grad.zero_()
+        self.adamw.zero_grad(set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.muon.load_state_dict(state_dict["muon"])
+        self.adamw.load_state_dict(state_dict["adamw"])
+        # loading replaces the inner optimizers' group dicts: the schedule must set the new ones
+        self._bind_groups()
 
 
 def parse_optim_args(text: str | None) -> dict:
@@ -70,6 +169,9 @@ def _check_optimizer_kwargs(name: str, extra: dict) -> None:
         cls = torch.optim.AdamW
     elif name == "sgd":
         cls = torch.optim.SGD
+    elif name == "muon":
+        # the AdamW part takes its settings from --adam_beta1, --adam_beta2 and --adam_epsilon
+        cls = torch.optim.Muon
     else:
         import bitsandbytes as bnb
 

@@ -80,7 +80,8 @@ TRAINING_ARGUMENTS: dict[str, Option] = {
         "linear warmup steps; a value below 1 is a ratio of the run", f"{T_OPTIM}::test_warmup_ratio"
     ),
     "optim": _h(
-        "adamw_torch, adamw_torch_fused, adamw_bnb_8bit / adamw_8bit, sgd",
+        "adamw_torch, adamw_torch_fused, adamw_bnb_8bit / adamw_8bit, sgd, muon (Muon on the hidden matrices, "
+        "AdamW on the rest)",
         f"{T_OPTIM}::test_optim_args_reach_the_optimizer",
     ),
     "optim_args": _h(

@@ -41,6 +41,7 @@ from transformers import GPT2Config
 from .config import PRESETS
 from .errors import ConfigError
 from .model import count_parameters, padded_vocab_size
+from .optim import OPTIMIZERS as OPTIMIZER_KINDS
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -53,13 +54,11 @@ WORKSPACE_BYTES = 256 * MIB  # cuBLAS workspaces, cuDNN/SDPA scratch, small buff
 FRAGMENTATION = 0.05  # caching-allocator slack on the activation-sized blocks
 CUDA_CONTEXT_BYTES = 512 * MIB  # CUDA context + kernels: outside max_memory_allocated, inside nvidia-smi
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+# --optim's names (optim.py's table, the one list) and the short names of the kinds they keep state as
 OPTIMIZERS = {
-    "adamw": "adamw",
-    "adamw_torch": "adamw",
+    **{kind: kind for kind in OPTIMIZER_KINDS.values()},
+    **OPTIMIZER_KINDS,
     "adamw_fused": "adamw_fused",
-    "adamw_torch_fused": "adamw_fused",
-    "adamw_8bit": "adamw_8bit",
-    "adamw_bnb_8bit": "adamw_8bit",
 }
 
 
@@ -104,6 +103,12 @@ def optimizer_state_bytes(config: GPT2Config, optimizer: str = "adamw") -> int:
     shapes = parameter_shapes(config)
     if kind in ("adamw", "adamw_fused"):
         return sum(2 * 4 * n + 4 for _, n in shapes)  # exp_avg, exp_avg_sq (fp32) + a float32 `step` tensor
+    if kind == "sgd":
+        return 0  # no momentum unless --optim_args asks for it
+    if kind == "muon":
+        # one fp32 momentum buffer per hidden matrix (c_attn as three); AdamW's two moments for the rest
+        hidden = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
+        return sum(4 * n if name.endswith(hidden) else 2 * 4 * n + 4 for name, n in shapes)
     total, any_8bit = 0, False
     for _, n in shapes:
         if n >= BNB_MIN_8BIT_SIZE:
@@ -329,7 +334,8 @@ def plan_memory(
     master = 0
     copies = 2 * block_params if s == 2 else 0
     weights, grads = 4 * P, 4 * P
-    temp = 4 * P if opt == "adamw" else 0  # foreach AdamW: a parameter-sized sqrt(exp_avg_sq) temporary
+    # foreach AdamW: a parameter-sized sqrt(exp_avg_sq) temporary (Muon's AdamW part: less; counted in full)
+    temp = 4 * P if opt in ("adamw", "muon") else 0
     if zero_stage and s == 2:
         # DeepSpeed's mixed precision: the model itself is cast to 16 bits; the optimizer owns an fp32 master.
         weights, grads, master, copies = 2 * P, 2 * P, 4 * P, 0
@@ -542,6 +548,15 @@ def measure_peak_memory(
         import bitsandbytes as bnb
 
         optim = bnb.optim.AdamW8bit(model.parameters(), lr=1e-4)
+    elif opt in ("muon", "sgd"):
+        from types import SimpleNamespace
+
+        from .optim import build_optimizer
+
+        settings = dict(
+            learning_rate=1e-4, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8
+        )
+        optim = build_optimizer(model, SimpleNamespace(optim=opt, optim_args=None, **settings))
     else:
         optim = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=(opt == "adamw_fused") or None)
     step_model = torch.compile(model) if compile else model

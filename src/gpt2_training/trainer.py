@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import random
 import signal
 import time
@@ -47,6 +48,7 @@ from .options import changed_fields, report_to_list
 from .precision import bf16_supported, resolve_precision
 from .reporting import Reporter, plot_loss_curve
 from .run_length import resolve_max_steps
+from .threads import apply_thread_policy
 
 hf_logging.disable_progress_bar()  # per-save "Writing model shards" bars drown the training log
 
@@ -793,12 +795,19 @@ def progress_bar(
 def train(cfg: Config) -> TrainResult:
     """Run one training job described by `cfg`."""
     engine = None
+    previous_threads = torch.get_num_threads()
+    # as many threads as the cores free now (threads.py); the user's or a launcher's OMP_NUM_THREADS wins
+    threads = apply_thread_policy()
+    if os.environ.get("RANK", "0") == "0":
+        print(threads, flush=True)
     try:
         engine = Engine(cfg)
         return engine.train()
     finally:
         if engine is not None:
             engine.close()
+        # a notebook's later cells get the count they had
+        torch.set_num_threads(previous_threads)
         # Accelerate keeps its settings (precision, DeepSpeed) in process-wide singletons and refuses a second run
         # with other settings in the same process (a notebook); forget them, but keep the process group.
         from accelerate.state import AcceleratorState, GradientState
