@@ -20,9 +20,9 @@ from conftest import read_log, run_train, start_train, tiny_args, train_losses, 
 from netservers import S3_KEYS, Fault, FaultProxy, HTTPFileServer, S3Server
 
 from gpt2_training import checkpoint as ckpt
-from gpt2_training.cli import parse_config
+from gpt2_training.cli import parse_config, prepare_main
 from gpt2_training.config import DataArguments, validate
-from gpt2_training.data import resolve_tokenizer, train_stream
+from gpt2_training.data import ShardStream, resolve_tokenizer, train_stream
 from gpt2_training.data.remote import NetworkSettings
 from gpt2_training.errors import ConfigError, DataError, DataUnavailable
 
@@ -261,6 +261,24 @@ def test_access_denied_fails_fast_with_what_to_set(net, aws, tokenizer, capfd, n
     assert "network: retry" not in capfd.readouterr().err
 
 
+def test_prepare_reads_remote_sources(net, aws, tokenizer, tmp_path):
+    """`train.py prepare` from S3 writes the same token shards as from the same files on local disk."""
+    tokenizer.save_pretrained(tmp_path / "tok")
+    sequences = {}
+    for where, spec in (
+        ("local", f"hf-parquet:{net.small}/parquet"),
+        ("s3", "hf-parquet:s3://corpus/small/parquet"),
+    ):
+        before = net.s3_proxy.requests
+        prepare_main(
+            ["--dataset", spec, "--tokenizer", str(tmp_path / "tok"), "--out", str(tmp_path / where)]
+        )
+        assert (net.s3_proxy.requests > before) == (where == "s3")
+        stream = ShardStream(tmp_path / where, "train", 32, shuffle=False, loop=False)
+        sequences[where] = [seq.copy() for seq in stream]
+    assert sequences["local"] and _equal(sequences["s3"], sequences["local"])
+
+
 def test_network_settings_are_validated():
     cfg = parse_config(
         ["--network_retries", "-1", "--network_backoff", "2", "--network_backoff_max", "1"]
@@ -307,7 +325,7 @@ def test_training_from_s3_equals_local_resumes_bit_exact_and_keeps_secrets(
     straight, remote = tmp_path / "local", tmp_path / "remote"
     ref = start_train(tiny_args(straight, dataset=local_spec, **settings), env)
     remote_args = tiny_args(remote, dataset=remote_spec, **settings)
-    step = random.randint(2, 6)
+    step = random.randint(3, 6)
     with open(tmp_path / "killed.out", "w") as log:
         proc = start_train(remote_args, env, stdout=log, stderr=subprocess.STDOUT)
         try:
@@ -315,6 +333,7 @@ def test_training_from_s3_equals_local_resumes_bit_exact_and_keeps_secrets(
         finally:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
+    assert ckpt.latest_checkpoint(remote) is not None
     resumed = run_train(remote_args, env, timeout=180)
     assert resumed.returncode == 0, resumed.stdout
     assert "resuming from" in resumed.stdout
