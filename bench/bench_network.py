@@ -92,6 +92,8 @@ def main(argv: list[str] | None = None) -> dict:
         proxy = FaultProxy(s3.endpoint, latency=a.latency_ms / 1000)
         env = free_env({"AWS_ENDPOINT_URL": proxy.url, "PYTHONPATH": str(ROOT / "src")})
         env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"})
+        # one intra-op thread, as in the README's CPU figures: on a shared machine more threads only contend
+        env.update({"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
         common = [
             "--preset", "tiny", "--block_size", "64", "--per_device_train_batch_size", "8",
             "--max_steps", str(a.steps), "--logging_steps", "10", "--eval_steps", "0", "--save_steps", "0",
@@ -144,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
         "latency_ms_per_request": a.latency_ms,
         "corpus_chars": chars,
         "parquet_files": a.files,
-        "settings": "tiny preset, block_size 64, micro-batch 8, fp32, "
+        "settings": "tiny preset, block_size 64, micro-batch 8, fp32, OMP_NUM_THREADS=1, "
         f"{a.steps} steps, dataloader_num_workers 0 (in-process reading)",
         "tokens_per_s_convention": "median of the logged tokens/s windows after the first, best of the rounds",
         "wall_s": wall,

@@ -23,7 +23,7 @@ from gpt2_training import checkpoint as ckpt
 from gpt2_training.cli import parse_config, prepare_main
 from gpt2_training.config import DataArguments, validate
 from gpt2_training.data import ShardStream, resolve_tokenizer, train_stream
-from gpt2_training.data.remote import NetworkSettings
+from gpt2_training.data.remote import NetworkSettings, reason, redact
 from gpt2_training.errors import ConfigError, DataError, DataUnavailable
 
 pytest.importorskip("moto.server")
@@ -232,7 +232,7 @@ def test_outage_beyond_the_budget_raises_data_unavailable_then_resumes_exactly(n
         for _ in range(190):
             got.append(next(stream).copy())
     message = str(error.value)
-    assert re.search(r"s3://corpus/small/parquet/part-\d\.parquet stopped answering: 3 retries", message)
+    assert re.search(r"s3://corpus/small/parquet/part-\d\.parquet stopped answering: 3 retries in", message)
     assert "run the same command to resume" in message and "\n" not in message
     budget = sum(NetworkSettings(3, 0.05, 0.2).wait(a) for a in (1, 2, 3))
     assert time.monotonic() - started < budget + 20
@@ -294,6 +294,15 @@ def test_network_settings_are_validated():
         "network_prefetch must be >= 0",
     ):
         assert fragment in text
+
+
+def test_urls_in_descriptions_and_reasons_lose_their_credentials():
+    """A URL's user, password and query (a presigned URL's signature) never reach a description or a log line."""
+    assert redact("https://user:pw@data.example:8443/c/part-1.parquet?X-Amz-Signature=s") == (
+        "https://data.example:8443/c/part-1.parquet"
+    )
+    error = OSError("503, message='Slow Down', url='https://data.example/p.parquet?X-Amz-Signature=secret'")
+    assert reason(error) == "OSError: 503, message='Slow Down', url='https://data.example/p.parquet'"
 
 
 def test_backoff_doubles_and_is_capped():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 import sys
 import threading
 import time
@@ -109,9 +110,11 @@ def _causes(error: BaseException) -> Iterator[BaseException]:
 
 
 def reason(error: BaseException) -> str:
-    """One line: the innermost error's type and message (the wrappers' messages say less)."""
+    """One line: the innermost error's type and message (the wrappers' messages say less), without the query
+    of any URL in it (a presigned URL's query holds its signature)."""
     inner = list(_causes(error))[-1]
     text = " ".join(str(inner).split()) or "no message"
+    text = re.sub(r"(https?://[^\s'\"?]+)\?[^\s'\"]*", r"\1", text)
     return f"{type(inner).__name__}: {text[:200]}"
 
 
@@ -127,21 +130,24 @@ class Retrying:
         self.url, self.settings = url, settings
         self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
 
-    def failed(self, error: Exception, attempt: int, opening: bool) -> float:
-        """The wait before retry `attempt` of a failed operation, or the error to stop with."""
+    def failed(self, error: Exception, attempt: int, since: float, opening: bool) -> float:
+        """The wait before retry `attempt` of an operation failing since `since` (monotonic seconds), or the
+        error to stop with."""
         if isinstance(error, DataError):
             raise error
         if _denied(error):
             advice = _CREDENTIALS_ADVICE if self.url.startswith("s3://") else _HTTP_DENIED_ADVICE
             raise DataError(f"{self.url}: access denied ({reason(error)}); {advice}") from error
         if attempt > self.settings.retries:
-            spent = sum(self.settings.wait(a) for a in range(1, attempt))
-            what = "could not be opened" if opening else "stopped answering"
-            error_type = DataError if opening else DataUnavailable
-            raise error_type(
-                f"{self.url} {what}: {attempt - 1} retries over {spent:.1f} s failed ({reason(error)}); once it "
-                "answers again, run the same command to resume (more patience: raise --network_retries or "
-                "--network_backoff_max)"
+            failed = f"{attempt - 1} retries in {time.monotonic() - since:.1f} s failed ({reason(error)})"
+            patience = "more patience: raise --network_retries or --network_backoff_max"
+            if opening:
+                raise DataError(
+                    f"{self.url} could not be opened: {failed}; check the URL and the network ({patience})"
+                ) from error
+            raise DataUnavailable(
+                f"{self.url} stopped answering: {failed}; once it answers again, run the same command to resume "
+                f"({patience})"
             ) from error
         wait = self.settings.wait(attempt)
         self.log(
@@ -151,13 +157,13 @@ class Retrying:
 
     def call(self, operation: Callable[[], Any]) -> Any:
         """`operation()` with retries (for opening a source: listing, reading a footer or a schema)."""
-        attempt = 0
+        attempt, since = 0, time.monotonic()
         while True:
             try:
                 return operation()
             except Exception as error:
                 attempt += 1
-                time.sleep(self.failed(error, attempt, opening=True))
+                time.sleep(self.failed(error, attempt, since, opening=True))
 
     def read(self, read: Callable[[int], Iterator[_Segment]], offset: int) -> Iterator[_Segment]:
         """The segments of `read(offset)`, reopened after the last segment handed on when a read fails; the
@@ -170,8 +176,10 @@ class Retrying:
                     offset, attempt = segment[2], 0
                 return
             except Exception as error:
+                if attempt == 0:
+                    since = time.monotonic()
                 attempt += 1
-                time.sleep(self.failed(error, attempt, opening=False))
+                time.sleep(self.failed(error, attempt, since, opening=False))
 
 
 # -- read-ahead ----------------------------------------------------------------------------------------------
