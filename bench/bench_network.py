@@ -6,7 +6,8 @@ dataset, put on moto's S3 server on 127.0.0.1 and read through a proxy that hold
 --latency_ms before passing it on. `train.py` (tiny preset, in its own process, so the servers do not share
 its interpreter) trains from each input; a row's rate is the median of its logged tokens/s windows after the
 first, best of --rounds interleaved rounds. Rows: local disk, S3 with the default read-ahead
-(--network_prefetch 4) and S3 without read-ahead (0), for parquet and DeepLake.
+(--network_prefetch 4) and S3 without read-ahead (0), for parquet and DeepLake. The same rows are then measured
+for the training stream alone, consumed as fast as it comes (where a fast GPU would feel the latency).
 
   python bench/bench_network.py [--latency_ms 50] [--steps 100] [--rounds 2] [--out bench/results/network-cpu.json]
 """
@@ -62,6 +63,21 @@ def _rate(args: list[str], env: dict[str, str], out: Path) -> float:
     return statistics.median([r["tokens_per_s"] for r in records if r.get("event") == "train"][1:])
 
 
+def _stream_rate(spec: str, prefetch: int, tokenizer, sequences: int) -> float:
+    """Tokens/s of the training stream alone (read, tokenize, pack: what the model waits for), after its
+    first sequence; the consumer takes sequences as fast as they come, as a fast GPU would."""
+    from gpt2_training.config import DataArguments
+    from gpt2_training.data import train_stream
+
+    args = DataArguments(dataset=spec, block_size=64, shuffle_buffer=0, network_prefetch=prefetch)
+    stream = train_stream(args, tokenizer, seed=0)
+    next(stream)
+    t0 = time.perf_counter()
+    for _ in range(sequences):
+        next(stream)
+    return sequences * 64 / (time.perf_counter() - t0)
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--latency_ms", type=float, default=50.0, help="Added by the proxy to every request.")
@@ -70,6 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max_chars", type=int, default=3_000_000, help="Corpus size in characters.")
     # many small files, so that every read batch of the pipeline (256 K characters) opens several of them
     p.add_argument("--files", type=int, default=64, help="Parquet files (one shard each).")
+    p.add_argument("--stream_sequences", type=int, default=4000, help="Sequences per stream-only row.")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "network-cpu.json"))
     a = p.parse_args(argv)
 
@@ -125,6 +142,20 @@ def main(argv: list[str] | None = None) -> dict:
                 )
                 requests[name] = proxy.requests - before
         wall = time.perf_counter() - t0
+        # the stream alone, in this process (the proxy's and server's threads share its interpreter)
+        os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})
+        tokenizer = resolve_tokenizer(DataArguments(dataset="builtin", tokenizer_vocab_size=8192))
+        stream_rows = []
+        for name, spec in runs.items():
+            prefetch = int(spec[1]) if len(spec) > 1 else 4
+            rate = max(
+                _stream_rate(spec[0], prefetch, tokenizer, a.stream_sequences) for _ in range(a.rounds)
+            )
+            print(f"stream: {name}: {rate:,.0f} tokens/s", file=sys.stderr, flush=True)
+            stream_rows.append({"input": name, "tokens_per_s": rate})
+        for row in stream_rows:
+            base = next(r for r in stream_rows if r["input"] == row["input"].split(",")[0] + ", local disk")
+            row["vs_local_disk"] = row["tokens_per_s"] / base["tokens_per_s"]
         proxy.stop()
         s3.stop()
     rows = []
@@ -151,6 +182,11 @@ def main(argv: list[str] | None = None) -> dict:
         "tokens_per_s_convention": "median of the logged tokens/s windows after the first, best of the rounds",
         "wall_s": wall,
         "rows": rows,
+        "stream_only": {
+            "what": f"training stream alone (no model), {a.stream_sequences} sequences of 64 tokens after the "
+            "first, in the benchmark's process, best of the rounds",
+            "rows": stream_rows,
+        },
     }
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
