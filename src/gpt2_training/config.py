@@ -81,7 +81,8 @@ class DataArguments:
         default="builtin",
         metadata={
             "help": "Data source: 'builtin', a local file/folder/glob (.txt .jsonl .json .parquet), "
-            "'hf:<repo>[:<config>]', 'openwebtext', 'deeplake:<path>', 'al://org/name' or 'hub://org/name'."
+            "'hf:<repo>[:<config>]', 'openwebtext', 'deeplake:<path>', 'al://org/name', 'hub://org/name', "
+            "'s3://bucket/path' (DeepLake on S3), or 'hf-parquet:' / 'hf-json:' with an s3:// or https:// URL."
         },
     )
     text_field: str = field(default="text", metadata={"help": "Field or column that holds the text."})
@@ -117,6 +118,30 @@ class DataArguments:
         default=256, metadata={"help": "Held-out sequences used by each evaluation."}
     )
     max_piece_chars: int = field(default=1_000_000, metadata={"help": "Longer documents are read in pieces."})
+    network_retries: int = field(
+        default=8,
+        metadata={
+            "help": "Remote sources (S3, HTTP): retries of a failed read, in a row, before the run saves its last "
+            "completed step and stops; each retry is logged with the URL and reason."
+        },
+    )
+    network_backoff: float = field(
+        default=1.0, metadata={"help": "Seconds before the first retry; each next wait doubles."}
+    )
+    network_backoff_max: float = field(default=60.0, metadata={"help": "Longest wait between two retries."})
+    network_timeout: float = field(
+        default=60.0,
+        metadata={
+            "help": "Seconds to connect, or to wait for data, before a read counts as failed (S3, HTTP)."
+        },
+    )
+    network_prefetch: int = field(
+        default=4,
+        metadata={
+            "help": "Remote sources: shards (files, DeepLake row chunks) read ahead in background threads, to "
+            "hide network latency; 0 = read on demand."
+        },
+    )
 
 
 @dataclass
@@ -408,6 +433,9 @@ def validate(cfg: Config, *, cuda_available: bool, bf16_ok: bool) -> None:
         (t, "eval_steps", 0, steps_note),
         (t, "save_steps", 0, steps_note),
         (d, "shuffle_buffer", 0, "0: no shuffling"),
+        (d, "network_retries", 0, "0: stop at the first failed read"),
+        (d, "network_backoff", 0, ""),
+        (d, "network_prefetch", 0, "0: read on demand"),
         (r, "max_bad_steps", 1, ""),
         (r, "sample_max_new_tokens", 0, "0: no samples"),
     ]
@@ -418,6 +446,13 @@ def validate(cfg: Config, *, cuda_available: bool, bf16_ok: bool) -> None:
     for name in ("adam_beta1", "adam_beta2"):
         if not 0.0 <= getattr(t, name) < 1.0:
             problems.append(f"{name}={getattr(t, name)} must be in [0, 1)")
+    if d.network_backoff_max < d.network_backoff:
+        problems.append(
+            f"network_backoff_max={d.network_backoff_max} is below network_backoff={d.network_backoff}: "
+            "raise --network_backoff_max"
+        )
+    if not d.network_timeout > 0:
+        problems.append("network_timeout must be > 0 (seconds)")
     if t.max_steps <= 0 and not t.num_train_epochs > 0:
         problems.append("set --max_steps N (> 0), or --num_train_epochs E (> 0) for a corpus of known size")
     if t.learning_rate <= 0:

@@ -49,6 +49,13 @@ def source_options(args: DataArguments, seed: int, shuffle: bool | None = None) 
         shuffle=args.shuffle_shards if shuffle is None else shuffle,
         seed=seed,
         max_piece_chars=args.max_piece_chars,
+        network={
+            "retries": args.network_retries,
+            "backoff": args.network_backoff,
+            "backoff_max": args.network_backoff_max,
+            "timeout": args.network_timeout,
+            "prefetch": args.network_prefetch,
+        },
     )
 
 

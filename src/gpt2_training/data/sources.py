@@ -9,6 +9,9 @@
   script on its main branch is refused by `datasets` >= 4;
 * ``hf-json:``, ``hf-parquet:``, ``hf-text:`` followed by a local path or glob: local files read through the
   `datasets` streaming code, so that path can be exercised without network;
+* over a network (`gpt2_training.data.remote`): ``s3://bucket/path`` or ``deeplake:s3://...`` (a DeepLake 4
+  dataset on S3), and ``hf-parquet:`` / ``hf-json:`` followed by an ``s3://`` URL, folder prefix or glob, or an
+  ``http(s)://`` URL, each read with retries and read-ahead;
 * DeepLake: ``deeplake:<url>``, ``al://org/name``, ``hub://org/name``, ``file://<folder>`` or a plain folder
   that holds a DeepLake dataset. Version 4 datasets are opened with `deeplake.open_read_only`; version 3
   datasets (such as ``hub://activeloop/openwebtext``) are read through a TQL query, which deeplake 4 allows
@@ -485,11 +488,17 @@ def open_source(
     shuffle: bool = True,
     seed: int = 0,
     max_piece_chars: int = 1_000_000,
+    network: dict[str, Any] | None = None,
 ) -> DocumentSource:
-    """Open the data source named by `spec` (see the module docstring for the accepted forms)."""
+    """Open the data source named by `spec` (see the module docstring for the accepted forms); `network`
+    holds `remote.NetworkSettings` fields for sources read over a network."""
     if txt_mode not in _TXT_MODES:
         raise ConfigError(f"txt_mode must be one of {', '.join(_TXT_MODES)}, got {txt_mode!r}")
     common = {"shuffle": shuffle, "seed": seed, "max_piece_chars": max_piece_chars}
+    from .remote import is_remote, open_remote
+
+    if is_remote(spec):
+        return open_remote(spec, text_field=text_field, network=network, **common)
     if spec == "builtin":
         from gpt2_training.data.corpus import builtin_documents
 
