@@ -8,6 +8,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -164,6 +165,11 @@ def test_all_damaged_checkpoints_refuse_and_change_nothing(tmp_path, env, capsys
     assert "checkpoint-2: optimizer.pt is missing or truncated" in err
     assert "--resume never --overwrite_output_dir" in err and f"--init_from {out / 'final'}" in err
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == listing
+    # without a finished model the refusal offers no --init_from of a folder that does not exist
+    shutil.rmtree(out / "final")
+    proc = _train(tiny_args(out, max_steps=8, save_steps=2), capsys)
+    assert proc.returncode == 2 and "no usable checkpoint" in proc.stdout, proc.stdout
+    assert "--init_from" not in proc.stdout and "another --output_dir" in proc.stdout
 
 
 def test_a_folder_with_only_a_final_model_refuses_to_resume(tmp_path, env, capsys):
