@@ -80,6 +80,23 @@ def test_a_folder_holding_the_data_tokenizer_or_weights_is_refused(tmp_path):
     outdir.refuse_unsafe(tmp_path / "run", "--output_dir", {"dataset": str(data)})
 
 
+def test_a_folder_inside_the_dataset_folder_is_refused(tmp_path, env, capsys):
+    """A folder dataset is searched recursively: a run inside it would read its own files as documents (its
+    marker file was refused as a record without a text field)."""
+    data = tmp_path / "corpus"
+    data.mkdir()
+    (data / "a.txt").write_text("Some text for training.\n" * 50)
+    for dataset in (str(data), f"{data}/**/*.txt"):
+        with pytest.raises(ConfigError, match="inside the dataset folder") as err:
+            outdir.refuse_unsafe(data / "run", "--output_dir", {"dataset": dataset})
+        suggested = re.search(r"e\.g\. --output_dir (\S+)", str(err.value)).group(1)
+        outdir.refuse_unsafe(suggested, "--output_dir", {"dataset": dataset})
+    proc = _train(tiny_args(data / "run", dataset=str(data)), capsys)
+    assert proc.returncode == 2 and len(_error_lines(proc)) == 1, proc.stdout
+    assert "inside the dataset folder" in proc.stdout
+    assert sorted(p.name for p in data.iterdir()) == ["a.txt"]
+
+
 def test_dataset_folder_as_output_dir_is_refused_and_kept(tmp_path, env, capsys):
     data = tmp_path / "corpus"
     data.mkdir()
