@@ -204,6 +204,20 @@ def test_a_folder_with_only_a_final_model_refuses_to_resume(tmp_path, env, capsy
     assert suggested.returncode == 0, suggested.stdout
 
 
+def test_a_refused_resume_names_a_way_to_start_over_that_works(tmp_path, env, capsys):
+    """The refusal said 'start a new run with --resume never', which in the same folder only met another
+    refusal (the folder holds a run); the flags it names now start over when added as they are."""
+    out = tmp_path / "run"
+    assert _train(tiny_args(out, max_steps=2), capsys).returncode == 0
+    proc = _train(tiny_args(out, max_steps=4, block_size=16), capsys)
+    assert proc.returncode == 2 and "cannot resume: block_size" in proc.stdout, proc.stdout
+    flags = (
+        re.search(r"start over with (--resume never --overwrite_output_dir) ", proc.stdout).group(1).split()
+    )
+    followed = _train(tiny_args(out, *flags, max_steps=4, block_size=16), capsys)
+    assert followed.returncode == 0, followed.stdout
+
+
 @pytest.mark.parametrize("damage", ["manifest deleted", "empty folder"])
 def test_a_skipped_checkpoint_is_named_and_set_aside(tmp_path, env, capsys, damage):
     out = tmp_path / "run"
