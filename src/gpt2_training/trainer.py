@@ -39,7 +39,7 @@ from . import outdir, progress
 from .backends import make_backend
 from .config import Config, model_shape, validate
 from .data import resolve_tokenizer, train_stream, validation_sequences
-from .errors import ConfigError, DataUnavailable, GPT2TrainingError, TrainingStopped
+from .errors import CheckpointError, ConfigError, DataUnavailable, GPT2TrainingError, TrainingStopped
 from .hub import check_push_to_hub, push_folder
 from .metrics import bits_per_byte, describe_mfu, flops_per_token, token_byte_lengths, unigram_byte_entropy
 from .model import CausalLMWithLoss, build_model, enable_activation_checkpointing
@@ -723,11 +723,25 @@ class Engine:
         tmp = self.out / ".final.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         self.lm.config.use_cache = True
-        ckpt.save_hf_model(self.lm, tmp, state_dict)
-        self.tokenizer.save_pretrained(tmp)
         metrics = {"step": res.step, "tokens_seen": res.tokens_seen, **(res.final_eval or {})}
-        (tmp / "training_metrics.json").write_text(json.dumps(metrics, indent=1))
-        (tmp / "README.md").write_text(_model_card(self.cfg, metrics, self.n_params))
+        try:
+            ckpt.save_hf_model(self.lm, tmp, state_dict)
+            self.tokenizer.save_pretrained(tmp)
+            (tmp / "training_metrics.json").write_text(json.dumps(metrics, indent=1))
+            (tmp / "README.md").write_text(_model_card(self.cfg, metrics, self.n_params))
+        # a full disk (OSError, or safetensors' error naming the OS error): no half-written model stays behind
+        except Exception as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            reason = "the disk is full" if ckpt._disk_full(exc) else f"{type(exc).__name__}: {exc}"
+            kept = (
+                f"checkpoint {self.saved_path} holds step {self.saved_state[0]}"
+                if self.saved_path is not None and self.saved_state is not None
+                else "no checkpoint was written"
+            )
+            raise CheckpointError(
+                f"could not write the final model {final} ({reason}); {kept}. Free space (or point --output_dir "
+                "at a bigger disk) and run the same command again to write it"
+            ) from exc
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
