@@ -119,6 +119,25 @@ def test_prepare_refuses_an_unsafe_out(tmp_path, env):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "project"]
 
 
+def test_prepare_refuses_a_non_empty_out_before_any_work(tmp_path, env, capsys):
+    """A folder of the user's as --out was tokenized in full, then the final rename failed with a traceback
+    (Directory not empty); now it is refused at once, and the suggested --out works."""
+    data = tmp_path / "corpus"
+    data.mkdir()
+    (data / "a.txt").write_text("Some text for the shards.\n" * 50)
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep")
+    argv = ["prepare", "--dataset", str(data), "--tokenizer", "train", "--tokenizer_vocab_size", "300"]
+    proc = _train([*argv, "--out", str(out)], capsys)
+    assert proc.returncode == 2 and len(_error_lines(proc)) == 1, proc.stdout
+    assert "not an empty folder" in proc.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "mine"]
+    suggested = re.search(r"e\.g\. --out (\S+)", proc.stdout).group(1)
+    assert _train([*argv, "--out", suggested], capsys).returncode == 0
+    assert (Path(suggested) / "meta.json").exists()
+
+
 # -- only the tool's own files are replaced ------------------------------------------------------------------------
 def test_overwrite_keeps_foreign_files_and_lists_them(tmp_path, env, capsys):
     out = tmp_path / "run"
