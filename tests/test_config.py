@@ -135,3 +135,23 @@ def test_fsdp_words_become_fsdp2_settings_without_a_deprecation_warning(words, e
 def test_an_unknown_fsdp_word_is_still_refused_by_transformers():
     with pytest.raises(ValueError, match="Unknown `fsdp` option"):
         parse_config(["--preset", "tiny", "--fsdp", "full_shard sideways"])
+
+
+@pytest.mark.timeout(30)
+def test_a_glob_over_link_loops_is_checked_without_hanging(tmp_path):
+    """Two link loops (`ln -s . dir/loop`, `ln -s .. dir/sub/up`) made glob's `**` search grow without end, so
+    start-up hung in this check before the source's loop-safe search ever ran; a missing folder is still named."""
+    (tmp_path / "dir" / "sub").mkdir(parents=True)
+    (tmp_path / "dir" / "sub" / "a.txt").write_text("text")
+    (tmp_path / "dir" / "loop").symlink_to(".")
+    (tmp_path / "dir" / "sub" / "up").symlink_to("..")
+    for pattern in ("**/*.txt", "**/*.parquet"):
+        validate(
+            parse_config(["--dataset", str(tmp_path / "dir" / pattern)]), cuda_available=False, bf16_ok=False
+        )
+    with pytest.raises(ConfigError, match="does not exist"):
+        validate(
+            parse_config(["--dataset", str(tmp_path / "nowhere" / "*.txt")]),
+            cuda_available=False,
+            bf16_ok=False,
+        )

@@ -8,6 +8,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -79,6 +80,23 @@ def test_a_folder_holding_the_data_tokenizer_or_weights_is_refused(tmp_path):
     outdir.refuse_unsafe(tmp_path / "run", "--output_dir", {"dataset": str(data)})
 
 
+def test_a_folder_inside_the_dataset_folder_is_refused(tmp_path, env, capsys):
+    """A folder dataset is searched recursively: a run inside it would read its own files as documents (its
+    marker file was refused as a record without a text field)."""
+    data = tmp_path / "corpus"
+    data.mkdir()
+    (data / "a.txt").write_text("Some text for training.\n" * 50)
+    for dataset in (str(data), f"{data}/**/*.txt"):
+        with pytest.raises(ConfigError, match="inside the dataset folder") as err:
+            outdir.refuse_unsafe(data / "run", "--output_dir", {"dataset": dataset})
+        suggested = re.search(r"e\.g\. --output_dir (\S+)", str(err.value)).group(1)
+        outdir.refuse_unsafe(suggested, "--output_dir", {"dataset": dataset})
+    proc = _train(tiny_args(data / "run", dataset=str(data)), capsys)
+    assert proc.returncode == 2 and len(_error_lines(proc)) == 1, proc.stdout
+    assert "inside the dataset folder" in proc.stdout
+    assert sorted(p.name for p in data.iterdir()) == ["a.txt"]
+
+
 def test_dataset_folder_as_output_dir_is_refused_and_kept(tmp_path, env, capsys):
     data = tmp_path / "corpus"
     data.mkdir()
@@ -99,6 +117,25 @@ def test_prepare_refuses_an_unsafe_out(tmp_path, env):
         proc = run_train(["prepare", "--dataset", str(data), "--out", str(out)], env)
         assert proc.returncode == 2 and why in proc.stdout, proc.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "project"]
+
+
+def test_prepare_refuses_a_non_empty_out_before_any_work(tmp_path, env, capsys):
+    """A folder of the user's as --out was tokenized in full, then the final rename failed with a traceback
+    (Directory not empty); now it is refused at once, and the suggested --out works."""
+    data = tmp_path / "corpus"
+    data.mkdir()
+    (data / "a.txt").write_text("Some text for the shards.\n" * 50)
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep")
+    argv = ["prepare", "--dataset", str(data), "--tokenizer", "train", "--tokenizer_vocab_size", "300"]
+    proc = _train([*argv, "--out", str(out)], capsys)
+    assert proc.returncode == 2 and len(_error_lines(proc)) == 1, proc.stdout
+    assert "not an empty folder" in proc.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "mine"]
+    suggested = re.search(r"e\.g\. --out (\S+)", proc.stdout).group(1)
+    assert _train([*argv, "--out", suggested], capsys).returncode == 0
+    assert (Path(suggested) / "meta.json").exists()
 
 
 # -- only the tool's own files are replaced ------------------------------------------------------------------------
@@ -164,6 +201,11 @@ def test_all_damaged_checkpoints_refuse_and_change_nothing(tmp_path, env, capsys
     assert "checkpoint-2: optimizer.pt is missing or truncated" in err
     assert "--resume never --overwrite_output_dir" in err and f"--init_from {out / 'final'}" in err
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == listing
+    # without a finished model the refusal offers no --init_from of a folder that does not exist
+    shutil.rmtree(out / "final")
+    proc = _train(tiny_args(out, max_steps=8, save_steps=2), capsys)
+    assert proc.returncode == 2 and "no usable checkpoint" in proc.stdout, proc.stdout
+    assert "--init_from" not in proc.stdout and "another --output_dir" in proc.stdout
 
 
 def test_a_folder_with_only_a_final_model_refuses_to_resume(tmp_path, env, capsys):
@@ -179,6 +221,20 @@ def test_a_folder_with_only_a_final_model_refuses_to_resume(tmp_path, env, capsy
         tiny_args(tmp_path / "next", "--resume", "never", max_steps=2, init_from=str(out / "final")), capsys
     )
     assert suggested.returncode == 0, suggested.stdout
+
+
+def test_a_refused_resume_names_a_way_to_start_over_that_works(tmp_path, env, capsys):
+    """The refusal said 'start a new run with --resume never', which in the same folder only met another
+    refusal (the folder holds a run); the flags it names now start over when added as they are."""
+    out = tmp_path / "run"
+    assert _train(tiny_args(out, max_steps=2), capsys).returncode == 0
+    proc = _train(tiny_args(out, max_steps=4, block_size=16), capsys)
+    assert proc.returncode == 2 and "cannot resume: block_size" in proc.stdout, proc.stdout
+    flags = (
+        re.search(r"start over with (--resume never --overwrite_output_dir) ", proc.stdout).group(1).split()
+    )
+    followed = _train(tiny_args(out, *flags, max_steps=4, block_size=16), capsys)
+    assert followed.returncode == 0, followed.stdout
 
 
 @pytest.mark.parametrize("damage", ["manifest deleted", "empty folder"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -490,6 +491,34 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint_and_stops_clearly
     assert ckpt.verify(out / "checkpoint-2") is None
     assert not [p for p in os.listdir(out) if p.startswith(".")]
     assert json.loads((out / "final" / "training_metrics.json").read_text())["step"] == 2  # the first run's
+
+
+def test_disk_full_while_writing_the_final_model_cleans_up_and_names_the_checkpoint(tmp_path, env):
+    """The final model written on a full disk was a traceback that left .final.tmp filling the disk. Now: one
+    line naming the checkpoint, no temporary folder, and the same command, with space again, writes the model."""
+    import resource
+
+    from gpt2_training.cli import main
+
+    out = tmp_path / "run"
+    main(tiny_args(out, max_steps=2))
+    model_size = (out / "final" / "model.safetensors").stat().st_size
+    assert max(p.stat().st_size for p in (out / "final").iterdir()) == model_size
+    shutil.rmtree(out / "final")
+
+    def small_disk():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (model_size // 2, resource.RLIM_INFINITY))
+
+    # resumes at its last step (nothing left to train, nothing to save) and fails writing final/
+    proc = run_train(tiny_args(out, max_steps=2), env, preexec_fn=small_disk)
+    assert proc.returncode == 2, proc.stdout
+    errors = [line for line in proc.stdout.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "could not write the final model" in errors[0], proc.stdout
+    assert "the disk is full" in errors[0] and f"checkpoint {out / 'checkpoint-2'} holds step 2" in errors[0]
+    assert not (out / ".final.tmp").exists() and not (out / "final").exists()
+    main(tiny_args(out, max_steps=2))
+    assert json.loads((out / "final" / "training_metrics.json").read_text())["step"] == 2
 
 
 # -- 12. no secrets in any output ------------------------------------------------------------------------------

@@ -303,7 +303,8 @@ def load_arrays(path: Path) -> dict[str, np.ndarray]:
     except (ValueError, OSError) as exc:
         raise CheckpointError(
             f"refusing to load {path}: it is not an archive of plain arrays ({exc}); it may have been tampered "
-            "with. Pass an older checkpoint to --resume, or start anew with --resume never"
+            "with. Pass an older checkpoint to --resume, or start over with --resume never --overwrite_output_dir "
+            "(replaces this run's files) or in another --output_dir"
         ) from exc
 
 
@@ -635,7 +636,10 @@ def check_resume_compatible(saved: dict, current: dict, allow_changes: bool) -> 
             hint += " (--allow_resume_changes resumes on the changed corpus from the saved positions)"
         raise ConfigError(
             [f"cannot resume: {d}" for d in diffs + corpus]
-            + [f"restore the original {what}, or start a new run with --resume never{hint}"]
+            + [
+                f"restore the original {what}, or start over with --resume never --overwrite_output_dir (replaces "
+                f"this run's files) or in another --output_dir{hint}"
+            ]
         )
     if accepted:
         print(

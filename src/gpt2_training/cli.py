@@ -167,6 +167,13 @@ def prepare_main(argv: list[str]) -> dict:
     from .outdir import refuse_unsafe
 
     refuse_unsafe(rest.out, "--out", {"dataset": data.dataset, "tokenizer": data.tokenizer})
+    out = Path(rest.out)
+    # the finished folder is renamed into place at the end, which only an absent or empty folder allows
+    if out.exists() and not (out / "meta.json").exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(
+            f"--out {rest.out} already exists and is not an empty folder: the shards need a folder of their own; "
+            f"choose a new one, e.g. --out {out.parent / (out.name + '-shards')}"
+        )
     tokenizer = resolve_tokenizer(data, seed=rest.seed)
     src = source_from_args(data, rest.seed)
     meta = prepare_shards(

@@ -516,4 +516,10 @@ def _glob_matches(spec: str) -> bool:
     import glob
 
     path = spec.removeprefix("file://")
-    return os.path.exists(path) or bool(glob.glob(path, recursive=True))
+    if os.path.exists(path) or not glob.has_magic(path):
+        return os.path.exists(path)
+    # only the folder a pattern starts from: glob's own `**` follows link loops without end (two loops hung
+    # start-up); the source's search, which enters each folder once, names a pattern that matches no file
+    parts = Path(path).parts
+    fixed = parts[: next(i for i, part in enumerate(parts) if glob.has_magic(part))]
+    return Path(*fixed).is_dir() if fixed else True

@@ -258,7 +258,8 @@ def save_final(
         free = "Free space (or point --output_dir at a bigger disk)"
         if last_checkpoint is not None:
             where = (
-                f"the last checkpoint is {last_checkpoint}. {free} and run the same command again: it resumes from "
+                f"checkpoint {last_checkpoint} holds step {last_checkpoint.name.removeprefix('checkpoint-')}. "
+                f"{free} and run the same command again: it resumes from "
                 "there and writes the model"
             )
         else:

@@ -87,6 +87,13 @@ def refuse_unsafe(folder: str | Path, option: str, protected: dict[str, str | No
             if other is not None and other.is_relative_to(path):
                 why = f"holds the {name} {value}"
                 break
+    data = local_root((protected or {}).get("dataset"))
+    if not why and data is not None and data.is_dir() and path.is_relative_to(data):
+        # a dataset folder is searched recursively: the run's own files would be read back as documents
+        raise ConfigError(
+            f"{option} {folder} is inside the dataset folder {data}, where the run's files would be read as data: "
+            f"use a folder outside it, e.g. {option} {data.parent / (data.name + '-runs') / 'my-run'}"
+        )
     if why:
         raise ConfigError(
             f"{option} {folder} {why}: a run writes into and may clear its folder, so it needs one of its own; "

@@ -221,12 +221,17 @@ class Engine:
             found = [f"{p.name}: {why}" for p, why in unusable] or [
                 "no checkpoint, only a finished model in final/"
             ]
+            # the finished model's weights are offered only where there is a finished model
+            weights = (
+                f" (add --init_from {out / 'final'} to start from the finished model's weights)"
+                if (out / "final").is_dir()
+                else ""
+            )
             raise ConfigError(
                 [f"cannot resume {out}, which holds a run but no usable checkpoint", *found]
                 + [
                     "nothing was changed. To start over here: --resume never --overwrite_output_dir (replaces this "
-                    "run's files); to keep them: another --output_dir (add --init_from "
-                    f"{out / 'final'} to start from the finished model's weights)"
+                    f"run's files); to keep them: another --output_dir{weights}"
                 ]
             )
         for bad, why in unusable:

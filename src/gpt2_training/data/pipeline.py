@@ -194,7 +194,8 @@ class _Reader:
             raise DataError(
                 f"the data stream ran out while resuming (epoch {c.epoch}, position {c.position}): "
                 f"{self.s.source.description} now holds less data than when the checkpoint was written; "
-                "restore the data or start a new run with --resume never"
+                "restore the data, or start over with --resume never --overwrite_output_dir (replaces this run's "
+                "files) or in another --output_dir"
             )
 
     def _next_piece(self) -> Piece | None:
