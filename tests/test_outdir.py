@@ -172,6 +172,19 @@ def test_a_users_folder_is_never_trained_into(tmp_path, env, capsys):
     assert sorted(p.name for p in out.iterdir()) == ["precious.txt", "sub"]
 
 
+def test_a_folder_without_a_run_record_is_neither_cleared_nor_marked(tmp_path, env, capsys):
+    """A folder holding only a `final/` (a model copied there) and no marker or log: --overwrite_output_dir does
+    not clear it, and a refused resume leaves no marker or lock behind."""
+    out = tmp_path / "models"
+    (out / "final").mkdir(parents=True)
+    (out / "final" / "model.safetensors").write_bytes(b"weights")
+    proc = _train(tiny_args(out, "--overwrite_output_dir", "--resume", "never", max_steps=2), capsys)
+    assert proc.returncode == 2 and "holds no record of a run by this tool" in proc.stdout, proc.stdout
+    proc = _train(tiny_args(out, max_steps=2), capsys)
+    assert proc.returncode == 2 and "only a finished model in final/" in proc.stdout, proc.stdout
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == ["final", "final/model.safetensors"]
+
+
 def test_clear_own_deletes_nothing_when_anything_foreign_is_there(tmp_path):
     (tmp_path / "checkpoint-2").mkdir()
     (tmp_path / "train_log.jsonl").write_text("{}\n")
@@ -263,11 +276,13 @@ def test_rotation_counts_only_sound_checkpoints_and_keeps_the_new_one(tmp_path):
         save(step)
     with open(tmp_path / "checkpoint-6" / "w.bin", "r+b") as f:
         f.truncate(1)
+    # the same size, another byte: only the hash tells
+    (tmp_path / "checkpoint-4" / "w.bin").write_bytes(b"x" * 3 + b"z")
     # a checkpoint older than the others (a run resumed from an earlier step) is still the one kept
     new = ckpt.save_checkpoint(tmp_path, 3, lambda d: (d / "w.bin").write_bytes(b"y"), 2)
     names = sorted(p.name for p in tmp_path.iterdir())
     assert new.name in names
-    assert names == ["checkpoint-3", "checkpoint-4", "checkpoint-6.damaged"]
+    assert names == ["checkpoint-2", "checkpoint-3", "checkpoint-4.damaged", "checkpoint-6.damaged"]
 
 
 # -- one run per folder ---------------------------------------------------------------------------------------------

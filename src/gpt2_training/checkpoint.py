@@ -203,14 +203,36 @@ def save_checkpoint(
     return final
 
 
+# Checkpoints whose every hash was checked (or computed from the files as they were written) in this process,
+# keyed by folder and manifest time: rotation hashes an older checkpoint once, not at every save.
+_SOUND: set[tuple[str, int]] = set()
+
+
+def _sound_key(path: Path) -> tuple[str, int]:
+    return str(path), (path / "manifest.json").stat().st_mtime_ns
+
+
+def _check_once(path: Path) -> str | None:
+    try:
+        if _sound_key(path) in _SOUND:
+            return None
+    except OSError:
+        pass
+    problem = verify(path)
+    if problem is None:
+        _SOUND.add(_sound_key(path))
+    return problem
+
+
 def rotate(out: Path, newest: Path, limit: int) -> None:
-    """Keep `newest` (the checkpoint just written) and the `limit - 1` newest others that pass a size check;
-    a damaged one is set aside as `.damaged`, never counted as kept and never deleted."""
+    """Keep `newest` (the checkpoint just written) and the `limit - 1` newest others whose files match their
+    manifest's hashes; a damaged one is set aside as `.damaged`, never counted as kept and never deleted."""
+    _SOUND.add(_sound_key(newest))
     kept = [newest]
     for path in reversed(checkpoint_folders(out)):
         if path == newest:
             continue
-        problem = verify(path, full=False)
+        problem = _check_once(path)
         if problem is not None:
             moved = set_aside(path)
             print(

@@ -109,12 +109,24 @@ def describe_foreign(folder: Path, entries: list[str], action: str) -> str:
     )
 
 
-def claim(folder: Path) -> None:
-    """Create `folder` if needed and mark it as an output folder of this tool."""
+def claim(folder: Path) -> set[str]:
+    """Create `folder` if needed and mark it as an output folder of this tool; returns what it made ("." for the
+    folder itself, the marker's and the lock's names), for `unclaim`."""
+    made = {name for name in (MARKER, LOCK) if not (folder / name).exists()}
+    if not folder.exists():
+        made.add(".")
     folder.mkdir(parents=True, exist_ok=True)
-    marker = folder / MARKER
-    if not marker.exists():
-        marker.write_text(json.dumps({"tool": "gpt2-training", "created": time.time()}) + "\n")
+    if MARKER in made:
+        (folder / MARKER).write_text(json.dumps({"tool": "gpt2-training", "created": time.time()}) + "\n")
+    return made
+
+
+def unclaim(folder: Path, made: set[str]) -> None:
+    """Undo `claim` after a refusal: remove the marker (and the folder) it made."""
+    if MARKER in made:
+        (folder / MARKER).unlink(missing_ok=True)
+    if "." in made and not any(folder.iterdir()):
+        folder.rmdir()
 
 
 def clear_own(folder: Path, keep: tuple[str, ...] = (MARKER, LOCK)) -> list[str]:
@@ -163,10 +175,13 @@ class RunLock:
         os.pwrite(fd, f"PID {os.getpid()} on host {socket.gethostname()}\n".encode(), 0)
         self.fd = fd
 
-    def release(self) -> None:
+    def release(self, remove: bool = False) -> None:
+        """Let go; `remove` also deletes the lock file (after a refusal, when this run created it)."""
         if self.fd is not None:
             # the holder line goes first, so a reader never names a process that has let go
             os.ftruncate(self.fd, 0)
+            if remove:
+                self.path.unlink(missing_ok=True)
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None

@@ -117,7 +117,7 @@ class Reporter:
             tmp.write_text("".join(line + "\n" for line in lines[: len(kept)]), encoding="utf-8")
             os.replace(tmp, self.path)
             print(
-                f"{self.path.name}: {len(dropped)} record(s) logged after step {resume_step} by the interrupted run "
+                f"{self.path.name}: {len(dropped)} record(s) logged after the step-{resume_step} checkpoint was written "
                 f"moved to {self.path.with_name('train_log.superseded.jsonl').name}",
                 flush=True,
             )

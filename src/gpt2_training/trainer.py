@@ -191,14 +191,33 @@ class Engine:
 
     def _claim_output_dir(self) -> str | None:
         r, out = self.cfg.run, self.out
+        names = [p.name for p in out.iterdir()] if out.is_dir() else []
         foreign = outdir.foreign_entries(out)
-        theirs = foreign and not (out / outdir.MARKER).exists()
-        if theirs and not any(outdir.own_entry(p.name) for p in out.iterdir()):
-            # a folder of the user's: a run never settles into it
-            raise ConfigError(outdir.describe_foreign(out, foreign, "train into"))
-        outdir.claim(out)
+        if names and not (out / outdir.MARKER).exists():
+            if foreign and not any(outdir.own_entry(n) for n in names):
+                # a folder of the user's: a run never settles into it
+                raise ConfigError(outdir.describe_foreign(out, foreign, "train into"))
+            if r.overwrite_output_dir and "train_log.jsonl" not in names:
+                # names alone do not make a folder the tool's: a final/ copied there may be the user's only copy
+                raise ConfigError(
+                    f"{out} holds no record of a run by this tool (no {outdir.MARKER} or train_log.jsonl), so "
+                    "--overwrite_output_dir will not clear it: move its contents elsewhere, or choose a new --output_dir"
+                )
+        made = outdir.claim(out)
         self.lock = outdir.RunLock(out)
         self.lock.acquire()
+        try:
+            return self._resume_point()
+        except GPT2TrainingError:
+            # a refusal leaves the folder as it found it
+            self.lock.release(remove=outdir.LOCK in made)
+            self.lock = None
+            outdir.unclaim(out, made)
+            raise
+
+    def _resume_point(self) -> str | None:
+        """What --resume / --overwrite_output_dir make of the locked output folder (see `_prepare_output_dir`)."""
+        r, out = self.cfg.run, self.out
         ckpt.cleanup_partial(out)
         if r.resume not in ("auto", "never"):
             return r.resume
