@@ -363,9 +363,6 @@ def test_training_from_s3_equals_local_resumes_bit_exact_and_keeps_secrets(
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True, reason="needs the engine to checkpoint the last completed step on DataUnavailable (issue 18)"
-)
 def test_training_stops_with_a_checkpoint_when_the_server_stays_down_then_resumes_exactly(
     net, aws, tokenizer, tmp_path
 ):
