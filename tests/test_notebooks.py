@@ -348,11 +348,14 @@ def test_each_profiles_longer_run_stays_under_one_epoch(env, tmp_path):
 
     lesson = _lesson_functions()
     documents = builtin_documents()
+    # beside the run's folder, not around it: a run never writes inside its dataset folder
+    shards = tmp_path / "parquet"
+    shards.mkdir()
     for i in range(4):
-        pq.write_table(pa.table({"text": documents[i::4]}), tmp_path / f"train-{i:05d}-of-00004.parquet")
+        pq.write_table(pa.table({"text": documents[i::4]}), shards / f"train-{i:05d}-of-00004.parquet")
     args, model_args, data, run = _tiny_run_settings(tmp_path, max_steps=2)
     gpu = PROFILES["gpu"]
-    parquet = dataclasses.replace(data, dataset=f"hf-parquet:{tmp_path}", block_size=gpu["block_size"])
+    parquet = dataclasses.replace(data, dataset=f"hf-parquet:{shards}", block_size=gpu["block_size"])
     tokenizer = resolve_tokenizer(data, seed=1337)
     n, _ = lesson["one_pass"](parquet, tokenizer, 1337)
     tokens_per_step = gpu["micro_batch"] * gpu["accumulation"] * gpu["block_size"]
