@@ -195,16 +195,17 @@ class _WorkerProcess:
         return payload
 
     def close(self) -> None:
-        for pipe in (self.proc.stdin, self.proc.stdout):
+        # The worker goes first: the read-ahead thread may be blocked writing a job to it (the worker itself blocked
+        # on a reply nobody reads), holding the pipe's lock that closing the pipe needs; once the worker is gone
+        # that write fails and lets go. Jobs still in flight are not wanted after close.
+        if self.proc.poll() is None:
+            self.proc.kill()
+        for pipe in (self.proc.stdout, self.proc.stdin):
             try:
                 pipe.close()
             except OSError:
                 pass
-        try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        self.proc.wait()
 
 
 class Prefetcher:
