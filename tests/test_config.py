@@ -4,9 +4,10 @@ import pytest
 from transformers import GPT2LMHeadModel
 
 from gpt2_training.cli import parse_config
-from gpt2_training.config import PRESETS, ModelArguments, validate
+from gpt2_training.config import PRESETS, ModelArguments
 from gpt2_training.errors import ConfigError
 from gpt2_training.model import count_parameters, gpt2_config
+from gpt2_training.options import validate
 
 # Parameter counts of OpenAI's released checkpoints as loaded by transformers (vocabulary 50257, tied head).
 PUBLISHED = {

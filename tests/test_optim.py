@@ -191,7 +191,7 @@ def test_muon_is_refused_with_fp16_loss_scaling():
 
 def test_the_command_line_offers_this_project_s_optimizers(tmp_path):
     from gpt2_training.cli import parse_config
-    from gpt2_training.config import validate
+    from gpt2_training.options import validate
 
     assert parse_config(["--optim", "muon", "--output_dir", str(tmp_path / "a")]).train.optim == "muon"
     # a name transformers knows but this engine does not run: refused by the one list, with the choices

@@ -11,7 +11,7 @@ from conftest import ROOT, run_train, tiny_args
 from transformers import TrainingArguments
 
 from gpt2_training.cli import parse_config, parser
-from gpt2_training.config import DataArguments, ModelArguments, RunArguments, training_config
+from gpt2_training.config import DataArguments, ModelArguments, RunArguments
 from gpt2_training.errors import ConfigError
 from gpt2_training.options import (
     HONOURED,
@@ -21,6 +21,7 @@ from gpt2_training.options import (
     changed_fields,
     project_settings,
     table_markdown,
+    training_config,
 )
 
 REFUSED_FIELDS = sorted(n for n, o in TRAINING_ARGUMENTS.items() if o.status == REFUSED)

@@ -22,10 +22,11 @@ from test_reliability import _assert_same_weights
 
 from gpt2_training import checkpoint as ckpt
 from gpt2_training.cli import parse_config, prepare_main
-from gpt2_training.config import DataArguments, validate
+from gpt2_training.config import DataArguments
 from gpt2_training.data import ShardStream, resolve_tokenizer, train_stream
 from gpt2_training.data.remote import NetworkSettings, reason, redact
 from gpt2_training.errors import ConfigError, DataError, DataUnavailable
+from gpt2_training.options import validate
 
 pytest.importorskip("moto.server")
 pytest.importorskip("s3fs")

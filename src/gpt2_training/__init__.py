@@ -25,7 +25,8 @@ def train(args: Any, model: Any = None, data: Any = None, run: Any = None) -> An
     """Run one training job: `args` is a `transformers.TrainingArguments` (or this project's
     `GPT2TrainingArguments`, whose defaults suit pretraining), or a complete `Config`. Settings are checked
     against the options contract (`gpt2_training.options`) before any work; returns a `TrainResult`."""
-    from .config import Config, training_config
+    from .config import Config
+    from .options import training_config
     from .trainer import train as run_config
 
     cfg = args if isinstance(args, Config) else training_config(args, model=model, data=data, run=run)

@@ -565,7 +565,7 @@ def _fsdp_settings(train_args) -> dict | None:
 
 
 def backend_problems(train_args, precision: str | None = None) -> list[str]:
-    """Settings no backend can run, each with its fix (config.validate reports them before any work)."""
+    """Settings no backend can run, each with its fix (options.validate reports them before any work)."""
     from .launch import deepspeed_config
     from .precision import resolve_precision
 

@@ -83,7 +83,7 @@ def parser() -> HfArgumentParser:
         if action.dest in hidden:
             action.help = argparse.SUPPRESS
         if action.dest == "optim":
-            # config.validate checks this project's choices, which include a name transformers' own lacks (muon)
+            # options.validate checks this project's choices, which include a name transformers' own lacks (muon)
             action.choices, action.type = None, str
     return p
 

@@ -1,25 +1,19 @@
-"""Every setting of a run, as typed dataclasses with a default and a help line, validated before any work.
+"""Every setting of a run, as typed dataclasses with a default and a help line, and the tables of choices.
 
 Training settings are Hugging Face's own `TrainingArguments` (same names, same meaning), with defaults that
 suit GPT-2 pretraining; model and data settings use GPT-2's vocabulary (`n_layer`, `n_embd`, `block_size`).
-`validate()` reports every problem at once, before any download or model build.
+This module is the foundation: it imports nothing of the project. `options.validate()` checks a `Config`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from transformers import TrainingArguments
 from transformers.trainer_utils import SchedulerType
 from transformers.training_args import OptimizerNames
-
-from .errors import ConfigError
-from .optim import OPTIMIZERS
 
 # Published sizes: GPT-2 paper table 2 as counted by Hugging Face (tied embeddings, 50257-token vocabulary).
 PRESETS: dict[str, dict[str, int]] = {
@@ -30,10 +24,26 @@ PRESETS: dict[str, dict[str, int]] = {
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280, n_positions=1024),  # 774 M
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, n_positions=1024),  # 1.56 B
 }
+# The choice tables: each set of choices is listed here once; options.validate checks against them and the
+# modules that act on a choice (optim.py, model.py, precision.py) read them from here.
+# --optim (Hugging Face's names) and the kind of state each keeps, which the memory planner counts
+OPTIMIZERS = {
+    "adamw_torch": "adamw",
+    "adamw_torch_fused": "adamw_fused",
+    "adamw_bnb_8bit": "adamw_8bit",
+    "adamw_8bit": "adamw_8bit",
+    "sgd": "sgd",
+    "muon": "muon",
+}
+SUPPORTED_OPTIMIZERS = tuple(OPTIMIZERS)
+# --loss_impl: the fused chunked loss, or GPT2LMHeadModel's own
+LOSS_IMPLS = ("chunked", "hf")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 SAVE_DTYPES = ("fp32", "bf16", "fp16")
-# --optim's choices, from optim.py's table (the one list)
-SUPPORTED_OPTIMIZERS = tuple(OPTIMIZERS)
+TXT_MODES = ("file", "paragraph")
+# --lr_scheduler_type: transformers' schedules, which optim.build_scheduler builds by name
+SCHEDULES = tuple(s.value for s in SchedulerType)
 
 
 @dataclass
@@ -325,23 +335,6 @@ class GPT2TrainingArguments(TrainingArguments):
 ARG_CLASSES = (ModelArguments, DataArguments, RunArguments, GPT2TrainingArguments)
 
 
-def training_config(
-    train: TrainingArguments,
-    model: ModelArguments | None = None,
-    data: DataArguments | None = None,
-    run: RunArguments | None = None,
-) -> Config:
-    """A Config from a `TrainingArguments` built in Python (as the seed README builds it) and this project's
-    model/data/run settings, checked against the options contract like the command line."""
-    from .options import apply_training_arguments
-
-    cfg = Config(
-        model=model or ModelArguments(), data=data or DataArguments(), run=run or RunArguments(), train=train
-    )
-    apply_training_arguments(cfg)
-    return cfg
-
-
 @dataclass
 class Config:
     """One run's settings, grouped as the help text groups them."""
@@ -371,155 +364,3 @@ def model_shape(model: ModelArguments) -> dict[str, int]:
         if getattr(model, key) is not None:
             shape[key] = getattr(model, key)
     return shape
-
-
-def validate(cfg: Config, *, cuda_available: bool, bf16_ok: bool) -> None:
-    """Raise ConfigError listing every problem found, so one run shows them all."""
-    problems: list[str] = []
-    m, d, r, t = cfg.model, cfg.data, cfg.run, cfg.train
-    if m.preset not in PRESETS:
-        problems.append(f"unknown preset {m.preset!r}: choose one of {', '.join(PRESETS)}")
-    shape = model_shape(m)
-    too_small = [f"{k}={shape[k]}" for k in ("n_layer", "n_head", "n_embd", "n_positions") if shape[k] < 1]
-    if too_small:
-        problems.append(f"{', '.join(too_small)}: n_layer, n_head, n_embd and n_positions must each be >= 1")
-    elif shape["n_embd"] % shape["n_head"]:
-        problems.append(
-            f"n_embd={shape['n_embd']} is not divisible by n_head={shape['n_head']}: each head gets "
-            f"n_embd/n_head dimensions, so pick e.g. n_head={_divisor_near(shape['n_embd'], shape['n_head'])}"
-        )
-    if d.block_size > shape["n_positions"]:
-        problems.append(
-            f"block_size={d.block_size} exceeds n_positions={shape['n_positions']}: lower --block_size "
-            f"or raise --n_positions"
-        )
-    if d.block_size < 2:
-        problems.append("block_size must be at least 2 (one input and one target token)")
-    if not 0.0 <= m.dropout < 1.0:
-        problems.append(f"dropout={m.dropout} must be in [0, 1)")
-    if m.attn_implementation not in ("sdpa", "eager", "flash_attention_2"):
-        problems.append(
-            f"attn_implementation={m.attn_implementation!r}: use sdpa, eager or flash_attention_2"
-        )
-    if m.loss_impl not in ("chunked", "hf"):
-        problems.append(f"loss_impl={m.loss_impl!r}: use 'chunked' or 'hf'")
-    if m.pad_vocab_to_multiple_of < 1:
-        problems.append("pad_vocab_to_multiple_of must be >= 1")
-    if d.txt_mode not in ("file", "paragraph"):
-        problems.append(f"txt_mode={d.txt_mode!r}: use 'file' or 'paragraph'")
-    if not 0 <= d.validation_per_mille < 1000:
-        problems.append("validation_per_mille must be in [0, 1000)")
-    if d.tokenizer_vocab_size < 257:
-        problems.append("tokenizer_vocab_size must be at least 257 (256 bytes + end-of-text)")
-    if d.shards_dir is not None and not (Path(d.shards_dir) / "meta.json").exists():
-        problems.append(
-            f"shards_dir {d.shards_dir!r} has no meta.json: create it with `train.py prepare --out {d.shards_dir}`"
-        )
-    if Path(t.output_dir).exists() and not Path(t.output_dir).is_dir():
-        problems.append(f"output_dir {t.output_dir} is a file, not a folder: choose another --output_dir")
-    # settings with a lower bound, and what the bound means where it is not obvious
-    steps_note = "below 1: a fraction of the run; 0: never"
-    seed_note = "numpy's generators take no negative seed"
-    bounds = [
-        (t, "gradient_accumulation_steps", 1, ""),
-        (t, "per_device_train_batch_size", 1, ""),
-        (t, "per_device_eval_batch_size", 1, ""),
-        (d, "eval_max_sequences", 1, "to skip evaluation: --eval_strategy no"),
-        (t, "seed", 0, seed_note),
-        (t, "data_seed", 0, seed_note),
-        (t, "weight_decay", 0, "0: none"),
-        (t, "adam_epsilon", 0, ""),
-        (t, "logging_steps", 0, steps_note),
-        (t, "eval_steps", 0, steps_note),
-        (t, "save_steps", 0, steps_note),
-        (d, "shuffle_buffer", 0, "0: no shuffling"),
-        (d, "network_retries", 0, "0: stop at the first failed read"),
-        (d, "network_backoff", 0, ""),
-        (d, "network_prefetch", 0, "0: read on demand"),
-        (r, "max_bad_steps", 1, ""),
-        (r, "sample_max_new_tokens", 0, "0: no samples"),
-    ]
-    for section, name, minimum, note in bounds:
-        value = getattr(section, name)
-        if value is not None and value < minimum:
-            problems.append(f"{name} must be >= {minimum}" + (f" ({note})" if note else ""))
-    for name in ("adam_beta1", "adam_beta2"):
-        if not 0.0 <= getattr(t, name) < 1.0:
-            problems.append(f"{name}={getattr(t, name)} must be in [0, 1)")
-    if d.network_backoff_max < d.network_backoff:
-        problems.append(
-            f"network_backoff_max={d.network_backoff_max} is below network_backoff={d.network_backoff}: "
-            "raise --network_backoff_max"
-        )
-    if not d.network_timeout > 0:
-        problems.append("network_timeout must be > 0 (seconds)")
-    if t.max_steps <= 0 and not t.num_train_epochs > 0:
-        problems.append("set --max_steps N (> 0), or --num_train_epochs E (> 0) for a corpus of known size")
-    if t.learning_rate <= 0:
-        problems.append("learning_rate must be > 0")
-    optim = str(getattr(t.optim, "value", t.optim))
-    if optim not in SUPPORTED_OPTIMIZERS:
-        problems.append(
-            f"optim={optim!r} is not supported here: use one of {', '.join(SUPPORTED_OPTIMIZERS)}"
-        )
-    if r.precision not in PRECISIONS:
-        problems.append(f"precision={r.precision!r}: use one of {', '.join(PRECISIONS)}")
-    elif r.precision == "fp16" and not cuda_available:
-        problems.append("precision=fp16 needs a CUDA GPU (loss scaling); on a CPU use bf16 or fp32")
-    elif r.precision == "bf16" and not bf16_ok:
-        problems.append("precision=bf16 is not supported on this hardware: use fp16 (older GPUs) or fp32")
-    if r.save_dtype not in SAVE_DTYPES:
-        problems.append(f"save_dtype={r.save_dtype!r}: use one of {', '.join(SAVE_DTYPES)}")
-    if r.license is not None and not re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", r.license):
-        problems.append(
-            f"license={r.license!r}: give a license identifier as the Hub lists them, e.g. apache-2.0, mit, "
-            "cc-by-4.0 or other"
-        )
-    if r.write_heldout is not None:
-        heldout = Path(r.write_heldout)
-        if heldout.is_dir() or not heldout.parent.is_dir():
-            problems.append(
-                f"write_heldout {r.write_heldout}: give a file name in an existing folder, e.g. heldout.jsonl"
-            )
-    if r.resume not in ("auto", "never") and not Path(r.resume).exists():
-        problems.append(f"resume={r.resume!r}: no such checkpoint; use 'auto', 'never' or an existing path")
-    if r.overwrite_output_dir and r.resume != "never":
-        problems.append(
-            "overwrite_output_dir needs --resume never (otherwise the run would resume, not restart)"
-        )
-    if d.dataset != "builtin" and _looks_local(d.dataset) and not _glob_matches(d.dataset):
-        problems.append(f"dataset path {d.dataset!r} does not exist: check the path or glob")
-    # lr_scheduler_kwargs the schedule would only refuse once training is set up
-    from .optim import scheduler_problems
-
-    problems += scheduler_problems(t)
-    # --deepspeed / --fsdp: a JSON contradicting the settings, an unknown wrap class, two backends at once
-    from .backends import backend_problems
-
-    problems += backend_problems(t, None if r.precision == "auto" else r.precision)
-    if problems:
-        raise ConfigError(problems)
-
-
-def _divisor_near(n: int, target: int) -> int:
-    divisors = [k for k in range(1, n + 1) if n % k == 0]
-    return min(divisors, key=lambda k: (abs(k - target), k))
-
-
-def _looks_local(spec: str) -> bool:
-    if spec in ("builtin", "openwebtext"):
-        return False
-    return ":" not in spec.split("/")[0] or spec.startswith("file://")
-
-
-def _glob_matches(spec: str) -> bool:
-    import glob
-
-    path = spec.removeprefix("file://")
-    if os.path.exists(path) or not glob.has_magic(path):
-        return os.path.exists(path)
-    # only the folder a pattern starts from: glob's own `**` follows link loops without end (two loops hung
-    # start-up); the source's search, which enters each folder once, names a pattern that matches no file
-    parts = Path(path).parts
-    fixed = parts[: next(i for i, part in enumerate(parts) if glob.has_magic(part))]
-    return Path(*fixed).is_dir() if fixed else True

@@ -9,15 +9,6 @@ from transformers import get_scheduler
 
 from .errors import ConfigError
 
-# The `--optim` choices (Hugging Face's names) and the kind of state each keeps, which the memory planner counts.
-OPTIMIZERS = {
-    "adamw_torch": "adamw",
-    "adamw_torch_fused": "adamw_fused",
-    "adamw_bnb_8bit": "adamw_8bit",
-    "adamw_8bit": "adamw_8bit",
-    "sgd": "sgd",
-    "muon": "muon",
-}
 # Moonshot's scaling ("Muon is Scalable for LLM Training"): each matrix's orthogonalised update is scaled by
 # 0.2 * sqrt(max(rows, columns)), so its RMS matches AdamW's (about 0.2) and one --learning_rate, warm-up and
 # schedule serve both the Muon and the AdamW parameters.

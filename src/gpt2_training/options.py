@@ -17,10 +17,33 @@ must exit 2 with its name, and every honoured field must name a test that exists
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from transformers import TrainingArguments
+
+from . import checkpoint
+from .backends import backend_problems
+from .config import (
+    ATTN_IMPLEMENTATIONS,
+    LOSS_IMPLS,
+    PRECISIONS,
+    PRESETS,
+    SAVE_DTYPES,
+    SUPPORTED_OPTIMIZERS,
+    TXT_MODES,
+    Config,
+    DataArguments,
+    GPT2TrainingArguments,
+    ModelArguments,
+    RunArguments,
+    model_shape,
+)
 from .errors import ConfigError
+from .optim import scheduler_problems
 
 HONOURED, REFUSED, NOT_APPLICABLE = "honoured", "refused", "not applicable"
 
@@ -354,8 +377,6 @@ def hidden_in_help() -> set[str]:
 
 def project_settings() -> dict[str, Option]:
     """The project's own settings (model, data, run): all honoured; each is tested with its module."""
-    from .config import DataArguments, ModelArguments, RunArguments
-
     return {
         f.name: Option(HONOURED, f.metadata.get("help", ""))
         for cls in (ModelArguments, DataArguments, RunArguments)
@@ -370,10 +391,6 @@ def table_markdown() -> str:
     return "\n".join(rows)
 
 
-if __name__ == "__main__":
-    print(table_markdown())
-
-
 def apply_training_arguments(cfg: Any) -> None:
     """Check `cfg.train` against the table and map the Trainer's own switches onto the project's settings:
     `--bf16` / `--fp16` onto `--precision`, `--resume_from_checkpoint` onto `--resume`."""
@@ -386,8 +403,6 @@ def apply_training_arguments(cfg: Any) -> None:
         raise ConfigError(f"--{asked[0]} contradicts --precision {run.precision}: keep one of them")
     if asked:
         run.precision = asked[0]
-    from .config import GPT2TrainingArguments
-
     if not asked and run.precision == "auto" and not isinstance(t, GPT2TrainingArguments):
         # Hugging Face's own TrainingArguments without --bf16/--fp16 means fp32 to its users; this project's
         # GPT2TrainingArguments (the command line) means "auto": bf16 where the hardware has it
@@ -405,10 +420,6 @@ def apply_training_arguments(cfg: Any) -> None:
 
 def _resume_from_checkpoint(value: Any, output_dir: str) -> str | None:
     """None (not set), 'never' (False), or the checkpoint folder to resume from."""
-    from pathlib import Path
-
-    from . import checkpoint
-
     if value is None or value == "":
         return None
     text = str(value)
@@ -428,3 +439,170 @@ def _resume_from_checkpoint(value: Any, output_dir: str) -> str | None:
             f"checkpoint-<step> folder, or True for the newest in --output_dir"
         )
     return text
+
+
+def training_config(
+    train: TrainingArguments,
+    model: ModelArguments | None = None,
+    data: DataArguments | None = None,
+    run: RunArguments | None = None,
+) -> Config:
+    """A Config from a `TrainingArguments` built in Python (as the seed README builds it) and this project's
+    model/data/run settings, checked against the options contract like the command line."""
+    cfg = Config(
+        model=model or ModelArguments(), data=data or DataArguments(), run=run or RunArguments(), train=train
+    )
+    apply_training_arguments(cfg)
+    return cfg
+
+
+def validate(cfg: Config, *, cuda_available: bool, bf16_ok: bool) -> None:
+    """Raise ConfigError listing every problem found, so one run shows them all."""
+    problems: list[str] = []
+    m, d, r, t = cfg.model, cfg.data, cfg.run, cfg.train
+    if m.preset not in PRESETS:
+        problems.append(f"unknown preset {m.preset!r}: choose one of {', '.join(PRESETS)}")
+    shape = model_shape(m)
+    too_small = [f"{k}={shape[k]}" for k in ("n_layer", "n_head", "n_embd", "n_positions") if shape[k] < 1]
+    if too_small:
+        problems.append(f"{', '.join(too_small)}: n_layer, n_head, n_embd and n_positions must each be >= 1")
+    elif shape["n_embd"] % shape["n_head"]:
+        problems.append(
+            f"n_embd={shape['n_embd']} is not divisible by n_head={shape['n_head']}: each head gets "
+            f"n_embd/n_head dimensions, so pick e.g. n_head={_divisor_near(shape['n_embd'], shape['n_head'])}"
+        )
+    if d.block_size > shape["n_positions"]:
+        problems.append(
+            f"block_size={d.block_size} exceeds n_positions={shape['n_positions']}: lower --block_size "
+            f"or raise --n_positions"
+        )
+    if d.block_size < 2:
+        problems.append("block_size must be at least 2 (one input and one target token)")
+    if not 0.0 <= m.dropout < 1.0:
+        problems.append(f"dropout={m.dropout} must be in [0, 1)")
+    if m.attn_implementation not in ATTN_IMPLEMENTATIONS:
+        problems.append(
+            f"attn_implementation={m.attn_implementation!r}: use one of {', '.join(ATTN_IMPLEMENTATIONS)}"
+        )
+    if m.loss_impl not in LOSS_IMPLS:
+        problems.append(f"loss_impl={m.loss_impl!r}: use one of {', '.join(LOSS_IMPLS)}")
+    if m.pad_vocab_to_multiple_of < 1:
+        problems.append("pad_vocab_to_multiple_of must be >= 1")
+    if d.txt_mode not in TXT_MODES:
+        problems.append(f"txt_mode={d.txt_mode!r}: use one of {', '.join(TXT_MODES)}")
+    if not 0 <= d.validation_per_mille < 1000:
+        problems.append("validation_per_mille must be in [0, 1000)")
+    if d.tokenizer_vocab_size < 257:
+        problems.append("tokenizer_vocab_size must be at least 257 (256 bytes + end-of-text)")
+    if d.shards_dir is not None and not (Path(d.shards_dir) / "meta.json").exists():
+        problems.append(
+            f"shards_dir {d.shards_dir!r} has no meta.json: create it with `train.py prepare --out {d.shards_dir}`"
+        )
+    if Path(t.output_dir).exists() and not Path(t.output_dir).is_dir():
+        problems.append(f"output_dir {t.output_dir} is a file, not a folder: choose another --output_dir")
+    # settings with a lower bound, and what the bound means where it is not obvious
+    steps_note = "below 1: a fraction of the run; 0: never"
+    seed_note = "numpy's generators take no negative seed"
+    bounds = [
+        (t, "gradient_accumulation_steps", 1, ""),
+        (t, "per_device_train_batch_size", 1, ""),
+        (t, "per_device_eval_batch_size", 1, ""),
+        (d, "eval_max_sequences", 1, "to skip evaluation: --eval_strategy no"),
+        (t, "seed", 0, seed_note),
+        (t, "data_seed", 0, seed_note),
+        (t, "weight_decay", 0, "0: none"),
+        (t, "adam_epsilon", 0, ""),
+        (t, "logging_steps", 0, steps_note),
+        (t, "eval_steps", 0, steps_note),
+        (t, "save_steps", 0, steps_note),
+        (d, "shuffle_buffer", 0, "0: no shuffling"),
+        (d, "network_retries", 0, "0: stop at the first failed read"),
+        (d, "network_backoff", 0, ""),
+        (d, "network_prefetch", 0, "0: read on demand"),
+        (r, "max_bad_steps", 1, ""),
+        (r, "sample_max_new_tokens", 0, "0: no samples"),
+    ]
+    for section, name, minimum, note in bounds:
+        value = getattr(section, name)
+        if value is not None and value < minimum:
+            problems.append(f"{name} must be >= {minimum}" + (f" ({note})" if note else ""))
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0.0 <= getattr(t, name) < 1.0:
+            problems.append(f"{name}={getattr(t, name)} must be in [0, 1)")
+    if d.network_backoff_max < d.network_backoff:
+        problems.append(
+            f"network_backoff_max={d.network_backoff_max} is below network_backoff={d.network_backoff}: "
+            "raise --network_backoff_max"
+        )
+    if not d.network_timeout > 0:
+        problems.append("network_timeout must be > 0 (seconds)")
+    if t.max_steps <= 0 and not t.num_train_epochs > 0:
+        problems.append("set --max_steps N (> 0), or --num_train_epochs E (> 0) for a corpus of known size")
+    if t.learning_rate <= 0:
+        problems.append("learning_rate must be > 0")
+    optim = str(getattr(t.optim, "value", t.optim))
+    if optim not in SUPPORTED_OPTIMIZERS:
+        problems.append(
+            f"optim={optim!r} is not supported here: use one of {', '.join(SUPPORTED_OPTIMIZERS)}"
+        )
+    if r.precision not in PRECISIONS:
+        problems.append(f"precision={r.precision!r}: use one of {', '.join(PRECISIONS)}")
+    elif r.precision == "fp16" and not cuda_available:
+        problems.append("precision=fp16 needs a CUDA GPU (loss scaling); on a CPU use bf16 or fp32")
+    elif r.precision == "bf16" and not bf16_ok:
+        problems.append("precision=bf16 is not supported on this hardware: use fp16 (older GPUs) or fp32")
+    if r.save_dtype not in SAVE_DTYPES:
+        problems.append(f"save_dtype={r.save_dtype!r}: use one of {', '.join(SAVE_DTYPES)}")
+    if r.license is not None and not re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", r.license):
+        problems.append(
+            f"license={r.license!r}: give a license identifier as the Hub lists them, e.g. apache-2.0, mit, "
+            "cc-by-4.0 or other"
+        )
+    if r.write_heldout is not None:
+        heldout = Path(r.write_heldout)
+        if heldout.is_dir() or not heldout.parent.is_dir():
+            problems.append(
+                f"write_heldout {r.write_heldout}: give a file name in an existing folder, e.g. heldout.jsonl"
+            )
+    if r.resume not in ("auto", "never") and not Path(r.resume).exists():
+        problems.append(f"resume={r.resume!r}: no such checkpoint; use 'auto', 'never' or an existing path")
+    if r.overwrite_output_dir and r.resume != "never":
+        problems.append(
+            "overwrite_output_dir needs --resume never (otherwise the run would resume, not restart)"
+        )
+    if d.dataset != "builtin" and _looks_local(d.dataset) and not _glob_matches(d.dataset):
+        problems.append(f"dataset path {d.dataset!r} does not exist: check the path or glob")
+    # lr_scheduler_kwargs the schedule would only refuse once training is set up
+    problems += scheduler_problems(t)
+    # --deepspeed / --fsdp: a JSON contradicting the settings, an unknown wrap class, two backends at once
+    problems += backend_problems(t, None if r.precision == "auto" else r.precision)
+    if problems:
+        raise ConfigError(problems)
+
+
+def _divisor_near(n: int, target: int) -> int:
+    divisors = [k for k in range(1, n + 1) if n % k == 0]
+    return min(divisors, key=lambda k: (abs(k - target), k))
+
+
+def _looks_local(spec: str) -> bool:
+    if spec in ("builtin", "openwebtext"):
+        return False
+    return ":" not in spec.split("/")[0] or spec.startswith("file://")
+
+
+def _glob_matches(spec: str) -> bool:
+    import glob
+
+    path = spec.removeprefix("file://")
+    if os.path.exists(path) or not glob.has_magic(path):
+        return os.path.exists(path)
+    # only the folder a pattern starts from: glob's own `**` follows link loops without end (two loops hung
+    # start-up); the source's search, which enters each folder once, names a pattern that matches no file
+    parts = Path(path).parts
+    fixed = parts[: next(i for i, part in enumerate(parts) if glob.has_magic(part))]
+    return Path(*fixed).is_dir() if fixed else True
+
+
+if __name__ == "__main__":
+    print(table_markdown())

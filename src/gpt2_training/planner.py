@@ -38,10 +38,10 @@ from dataclasses import asdict, dataclass, field, replace
 
 from transformers import GPT2Config
 
+from .config import OPTIMIZERS as OPTIMIZER_KINDS
 from .config import PRESETS
 from .errors import ConfigError
 from .model import count_parameters, padded_vocab_size
-from .optim import OPTIMIZERS as OPTIMIZER_KINDS
 
 GIB = 1 << 30
 MIB = 1 << 20

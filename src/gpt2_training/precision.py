@@ -1,5 +1,5 @@
 """Choosing the numeric precision: bf16 where the hardware does it natively, fp16 with loss scaling on older
-GPUs, fp32 otherwise. An explicit choice is honoured or refused with the reason (see config.validate)."""
+GPUs, fp32 otherwise. An explicit choice is honoured or refused with the reason (see options.validate)."""
 
 from __future__ import annotations
 

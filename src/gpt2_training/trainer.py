@@ -36,7 +36,7 @@ from transformers.utils import logging as hf_logging
 from . import checkpoint as ckpt
 from . import export, outdir, progress
 from .backends import make_backend
-from .config import Config, model_shape, validate
+from .config import Config, model_shape
 from .data import resolve_tokenizer, train_stream, validation_sequences
 from .errors import ConfigError, DataUnavailable, GPT2TrainingError, TrainingStopped
 from .hardware import describe as describe_hardware
@@ -44,7 +44,7 @@ from .hub import check_push_to_hub, push_folder
 from .metrics import bits_per_byte, describe_mfu, flops_per_token, token_byte_lengths, unigram_byte_entropy
 from .model import CausalLMWithLoss, build_model, enable_activation_checkpointing
 from .optim import build_optimizer, build_scheduler
-from .options import changed_fields, report_to_list
+from .options import changed_fields, report_to_list, validate
 from .precision import bf16_supported, resolve_precision
 from .reporting import Reporter, plot_loss_curve
 from .run_length import resolve_max_steps
