@@ -323,7 +323,7 @@ def test_all_configuration_errors_are_reported_at_once_before_any_work(tmp_path,
     def forbidden(*a, **k):
         raise AssertionError("work started before the settings were validated")
 
-    monkeypatch.setattr(trainer, "build_model", forbidden)
+    monkeypatch.setattr(trainer, "build_for_training", forbidden)
     monkeypatch.setattr(trainer, "resolve_tokenizer", forbidden)
     out = tmp_path / "run"
     rc = run(

@@ -16,7 +16,8 @@ from gpt2_training.cli import parse_config
 from gpt2_training.data import resolve_tokenizer
 from gpt2_training.data.pipeline import is_validation
 from gpt2_training.errors import ConfigError
-from gpt2_training.trainer import Engine, progress_bar, train
+from gpt2_training.progress import training_bar as progress_bar
+from gpt2_training.trainer import Engine, train
 
 
 def _engine(tmp_path, *extra, **settings) -> Engine:

@@ -42,6 +42,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from .config import model_shape
 from .errors import CheckpointError, ConfigError, disk_full
 from .export import save_hf_model
 
@@ -454,6 +455,50 @@ def load(path: Path, parts: dict[str, Any]) -> None:
         parts[name].load_state_dict(processes[name])
 
 
+class Checkpointer:
+    """The run's checkpoints in `out`: every stateful part saved together (`save`) and loaded together (`load`),
+    with the newest remembered, so that the same state is never written twice (`save_if_changed`)."""
+
+    def __init__(self, out: Path, parts: dict[str, Any], lm: Any, save_total_limit: int | None, acc: Any):
+        """`acc` is the run's Accelerator: with several processes a save is a collective."""
+        self.out, self.parts, self.lm, self.limit, self.acc = out, parts, lm, save_total_limit, acc
+        self.saved: tuple[int, int] | None = None  # (step, tokens_seen) of the newest checkpoint
+        self.path: Path | None = None
+
+    def _position(self) -> tuple[int, int]:
+        state = self.parts["train_state"]
+        return state.step, state.tokens_seen
+
+    def save(self) -> Path:
+        several = self.acc.num_processes > 1
+        if several:
+            from accelerate.utils import gather_object
+        self.path = save(
+            self.out,
+            self.parts["train_state"].step,
+            self.parts,
+            self.lm,
+            self.limit,
+            is_main=self.acc.is_main_process,
+            barrier=self.acc.wait_for_everyone if several else None,
+            gather=(lambda obj: gather_object([obj])) if several else None,
+        )
+        self.saved = self._position()
+        return self.path
+
+    def save_if_changed(self) -> Path | None:
+        """Save unless the newest checkpoint already holds this exact state (same step and data position),
+        e.g. on a signal right after a periodic save: rewriting it would only cost time."""
+        if self.saved != self._position():
+            self.save()
+        return self.path
+
+    def load(self, path: Path) -> None:
+        """Every stateful part from checkpoint `path`, on this run's number of processes."""
+        load(path, self.parts)
+        self.saved, self.path = self._position(), path
+
+
 def _location(model_state: Any) -> str:
     """The file or folder a model state of this form is saved to."""
     if isinstance(model_state, Sharded):
@@ -496,6 +541,22 @@ def _read_processes(folder: Path) -> dict[str, dict[int, Any]]:
 
 
 # -- the run's own stateful parts ----------------------------------------------------------------------------------
+def run_fingerprint(cfg: Any, tokenizer: Any, world_size: int) -> dict[str, Any]:
+    """Settings that must not change across a resume (model shape, tokenizer, sequence length, batch); `cfg` is
+    the run's Config. TrainState compares the checkpoint's with the new run's."""
+    items = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    return {
+        "model_shape": model_shape(cfg.model),
+        "tokenizer_vocab": len(tokenizer),
+        "tokenizer_hash": hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16],
+        "block_size": cfg.data.block_size,
+        "world_size": world_size,
+        "per_device_train_batch_size": cfg.train.per_device_train_batch_size,
+        "gradient_accumulation_steps": cfg.train.gradient_accumulation_steps,
+        "data": cfg.data.shards_dir or cfg.data.dataset,
+    }
+
+
 @dataclass
 class TrainState:
     """Where the run stands (optimizer steps, tokens seen, steps skipped as non-finite or fp16 overflows) and what

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -73,6 +74,27 @@ def enable_activation_checkpointing(lm: GPT2LMHeadModel, kwargs: dict | None = N
         lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def build_for_training(
+    args: ModelArguments, tokenizer: Any, block_size: int, train_args: Any
+) -> GPT2LMHeadModel:
+    """`build_model` for the tokenizer, checked against it and the sequence length, with activation checkpointing
+    when `train_args` (TrainingArguments) ask for it and no generation cache."""
+    vocab = len(tokenizer)
+    lm = build_model(args, vocab, tokenizer.eos_token_id)
+    if lm.config.vocab_size < vocab:
+        raise ConfigError(f"tokenizer has {vocab} tokens but the model only {lm.config.vocab_size}")
+    if lm.config.n_positions < block_size:
+        raise ConfigError(
+            f"block_size={block_size} exceeds the loaded model's n_positions={lm.config.n_positions}"
+        )
+    # activation_checkpointing(_kwargs): TrainingArguments fields added after transformers 5.17
+    if getattr(train_args, "activation_checkpointing", False) or train_args.gradient_checkpointing:
+        kwargs = getattr(train_args, "activation_checkpointing_kwargs", None)
+        enable_activation_checkpointing(lm, kwargs or train_args.gradient_checkpointing_kwargs)
+    lm.config.use_cache = False
+    return lm
 
 
 def load_pretrained(name_or_path: str, args: ModelArguments) -> GPT2LMHeadModel:

@@ -28,3 +28,10 @@ def bar(total: int | None, desc: str, *, enabled: bool = True, **kwargs: Any) ->
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, dynamic_ncols=True, **kwargs)
+
+
+def training_bar(args: Any, initial: int, enabled: bool) -> Any:
+    """The training bar (step / max_steps, ETA, loss, tokens/s); `args` is the run's TrainingArguments."""
+    return bar(
+        args.max_steps, "train", enabled=enabled and not args.disable_tqdm, initial=initial, unit="step"
+    )

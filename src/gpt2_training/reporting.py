@@ -7,8 +7,11 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .metrics import describe_mfu
 
 OFFLINE_MODES = ("offline", "dryrun", "disabled")
 
@@ -143,6 +146,99 @@ class Reporter:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+@dataclass
+class TrainResult:
+    """What a run produced; `train()` returns it so tests and notebooks can assert on it."""
+
+    output_dir: str
+    final_model_dir: str | None = None
+    step: int = 0
+    tokens_seen: int = 0
+    losses: list[float] = field(default_factory=list)  # training loss of every optimizer step of this process
+    evals: list[dict] = field(default_factory=list)
+    initial_eval: dict | None = None
+    final_eval: dict | None = None
+    unigram_bpb: float | None = None
+    samples: list[str] = field(default_factory=list)
+    skipped_steps: int = 0
+    resumed_from: str | None = None
+    stopped_by_signal: int | None = None
+    tokens_per_s: float | None = None
+    precision: str = "fp32"
+    data_stats: dict = field(default_factory=dict)
+    exit_code: int = 0
+
+
+class StepWindow:
+    """The training record of each logging window: the mean loss over the window (the Trainer's `loss`; one
+    step's loss jumps) and the tokens per second of the steps in it; also the whole run's rate."""
+
+    def __init__(self, flops_per_token: float, precision: str):
+        self.flops_per_token, self.precision = flops_per_token, precision
+        self.tokens, self.seconds, self.losses = 0, 0.0, []
+        self.run_tokens, self.run_seconds = 0, 0.0
+
+    def add(self, loss: float, tokens: int, seconds: float) -> None:
+        self.losses.append(loss)
+        self.tokens, self.seconds = self.tokens + tokens, self.seconds + seconds
+        self.run_tokens, self.run_seconds = self.run_tokens + tokens, self.run_seconds + seconds
+
+    @property
+    def run_rate(self) -> float:
+        return self.run_tokens / max(self.run_seconds, 1e-9)
+
+    def record(self, step: int, grad_norm: float, lr: float, tokens_seen: int) -> dict:
+        """The window's record, which starts the next window."""
+        rate = self.tokens / max(self.seconds, 1e-9)
+        rec = {
+            "event": "train",
+            "step": step,
+            "loss": sum(self.losses) / len(self.losses),
+            "grad_norm": grad_norm,
+            "lr": lr,
+            "tokens_seen": tokens_seen,
+            "tokens_per_s": rate,
+        }
+        mfu, _ = describe_mfu(rate, self.flops_per_token, self.precision)
+        if mfu is not None:
+            rec["mfu"] = mfu
+        self.tokens, self.seconds, self.losses = 0, 0.0, []
+        return rec
+
+
+def console_line(record: dict) -> str:
+    """A record as one console line, e.g. `[train] step=10 loss=5.123 ...`."""
+    fields = " ".join(
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items() if k != "event"
+    )
+    return f"[{record.get('event')}] {fields}"
+
+
+def startup_line(
+    cfg: Any, config: Any, n_params: int, precision: str, why: str, world: int, backend: str
+) -> str:
+    """The run's first line: the model built, the precision and why, the effective batch and the backend."""
+    t = cfg.train
+    B, A, T = t.per_device_train_batch_size, t.gradient_accumulation_steps, cfg.data.block_size
+    shape = " ".join(f"{k}={getattr(config, k)}" for k in ("n_layer", "n_head", "n_embd"))
+    # overrides or loaded weights can make the shape differ from the preset's
+    origin = (
+        f"preset {cfg.model.preset}" if cfg.model.init_from == "scratch" else f"from {cfg.model.init_from}"
+    )
+    return (
+        f"model: {n_params / 1e6:.2f} M parameters ({shape}; {origin}), precision {precision} ({why}); "
+        f"effective batch {B * A * world} sequences = {B * A * T * world} tokens per step ({B} per device x {A} "
+        f"accumulation x {world} processes); {backend}"
+    )
+
+
+def interval(strategy: Any, steps: float | None, max_steps: int) -> int:
+    """Steps between two events (0 = never); like the Trainer, a value below 1 is a ratio of the run."""
+    if str(getattr(strategy, "value", strategy)) == "no" or not steps:
+        return 0
+    return max(math.ceil(steps * max_steps), 1) if steps < 1 else int(steps)
 
 
 def plot_loss_curve(history: list[dict], path: str | Path, title: str = "") -> Path | None:
