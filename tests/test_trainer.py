@@ -59,6 +59,8 @@ def test_num_train_epochs_sets_the_steps(tmp_path, env):
     expected = math.ceil(2 * (train_tokens // 32) / 4)
     result = train(cfg)
     assert result.step == expected and len(result.losses) == expected
+    # the engine sets the step count on its own copy: the caller's TrainingArguments are as they were built
+    assert cfg.train.max_steps == -1 and cfg.train.num_train_epochs == 2
 
 
 def test_strategies_no(tmp_path, env):
