@@ -74,27 +74,6 @@ def test_divisibility_error_suggests_a_valid_head_count():
         validate(cfg, cuda_available=False, bf16_ok=False)
 
 
-def test_config_file_then_flags_override(tmp_path):
-    f = tmp_path / "run.yaml"
-    f.write_text("preset: tiny\nblock_size: 32\nmax_steps: 7\nlearning_rate: 0.01\n")
-    cfg = parse_config(["--config", str(f), "--max_steps", "9"])
-    assert (cfg.data.block_size, cfg.train.max_steps, cfg.train.learning_rate) == (32, 9, 0.01)
-    assert cfg.train.lr_scheduler_type == "cosine"  # our default, under Hugging Face's name
-
-
-def test_unknown_setting_in_file_is_refused(tmp_path):
-    f = tmp_path / "run.yaml"
-    f.write_text("n_layers: 3\n")
-    with pytest.raises(ConfigError, match="unknown setting.*n_layers"):
-        parse_config(["--config", str(f)])
-
-
-def test_tokens_are_refused_but_tokenizer_flags_are_not():
-    with pytest.raises(ConfigError, match="environment"):
-        parse_config(["--hub_token", "abc"])
-    assert parse_config(["--tokenizer_vocab_size", "512"]).data.tokenizer_vocab_size == 512
-
-
 def test_to_dict_has_no_token_fields():
     d = parse_config([]).to_dict()
     assert "hub_token" not in d and d["per_device_train_batch_size"] == 16

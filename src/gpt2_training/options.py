@@ -74,6 +74,7 @@ T_TRAINER = "tests/test_trainer.py"
 T_REL = "tests/test_reliability.py"
 T_OPTIM = "tests/test_optim.py"
 T_REPORT = "tests/test_reporting.py"
+T_HUB = "tests/test_hub.py"
 
 # Every field of transformers.TrainingArguments (5.x), in its own order.
 TRAINING_ARGUMENTS: dict[str, Option] = {
@@ -176,7 +177,8 @@ TRAINING_ARGUMENTS: dict[str, Option] = {
     "log_level": _r("library log levels are not changed by this engine", "debug"),
     "log_level_replica": _r("library log levels are not changed by this engine", "debug"),
     "disable_tqdm": _h(
-        "no progress bar (plain log lines only)", f"{T_TRAINER}::test_progress_bar_only_on_a_terminal"
+        "no progress bar (plain log lines only)",
+        "tests/test_progress.py::test_progress_bar_only_on_a_terminal",
     ),
     "report_to": _h(
         "none, tensorboard, wandb, all (= tensorboard wandb)", f"{T_REPORT}::test_report_to_values"
@@ -192,7 +194,8 @@ TRAINING_ARGUMENTS: dict[str, Option] = {
     "eval_steps": _h("evaluate (and sample) every N steps", f"{T_TRAINER}::test_strategies_no"),
     "eval_delay": _r("evaluations start at eval_steps: use a larger --eval_steps", "10"),
     "per_device_eval_batch_size": _h(
-        "sequences per evaluation batch", f"{T_TRAINER}::test_eval_batch_size_does_not_change_the_loss"
+        "sequences per evaluation batch",
+        "tests/test_evaluation.py::test_eval_batch_size_does_not_change_the_loss",
     ),
     "prediction_loss_only": _na("evaluation reports loss, perplexity and bits per byte only"),
     "eval_on_start": _h("evaluate the untrained model before step 1", f"{T_TRAINER}::test_strategies_no"),
@@ -217,17 +220,17 @@ TRAINING_ARGUMENTS: dict[str, Option] = {
     ),
     "enable_jit_checkpoint": _r("SIGTERM/SIGINT always save a checkpoint here; leave it unset"),
     "push_to_hub": _h(
-        "upload final/ at the end; checked at start-up", f"{T_TRAINER}::test_push_to_hub_fails_at_start_up"
+        "upload final/ at the end; checked at start-up", f"{T_HUB}::test_push_to_hub_fails_at_start_up"
     ),
     "hub_token": _r("tokens are never arguments: set HF_TOKEN or run `hf auth login`", "hf_x"),
     "hub_private_repo": _h(
-        "create the Hub repository private", f"{T_TRAINER}::test_push_to_hub_fails_at_start_up"
+        "create the Hub repository private", f"{T_HUB}::test_push_to_hub_fails_at_start_up"
     ),
     "hub_model_id": _h(
-        "the Hub repository (default: output_dir's name)", f"{T_TRAINER}::test_push_to_hub_fails_at_start_up"
+        "the Hub repository (default: output_dir's name)", f"{T_HUB}::test_push_to_hub_fails_at_start_up"
     ),
     "hub_strategy": _h(
-        "'end' only (the other strategies are refused)", f"{T_TRAINER}::test_push_to_hub_fails_at_start_up"
+        "'end' only (the other strategies are refused)", f"{T_HUB}::test_push_to_hub_fails_at_start_up"
     ),
     "hub_always_push": _r("only --hub_strategy end is supported"),
     "hub_revision": _r("pushes go to the main branch", "dev"),
