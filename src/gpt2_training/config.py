@@ -15,6 +15,12 @@ from transformers import TrainingArguments
 from transformers.trainer_utils import SchedulerType
 from transformers.training_args import OptimizerNames
 
+
+def setting(default: Any, help: str) -> Any:
+    """A dataclass field with its default and the help line the command line shows."""
+    return field(default=default, metadata={"help": help})
+
+
 # Published sizes: GPT-2 paper table 2 as counted by Hugging Face (tied embeddings, 50257-token vocabulary).
 PRESETS: dict[str, dict[str, int]] = {
     "tiny": dict(n_layer=2, n_head=2, n_embd=64, n_positions=256),  # tests: seconds on a CPU
@@ -50,36 +56,21 @@ SCHEDULES = tuple(s.value for s in SchedulerType)
 class ModelArguments:
     """What network to train and where its first weights come from."""
 
-    preset: str = field(default="tiny", metadata={"help": f"Model size: one of {', '.join(PRESETS)}."})
-    n_layer: int | None = field(default=None, metadata={"help": "Override the preset's number of blocks."})
-    n_head: int | None = field(default=None, metadata={"help": "Override the preset's attention heads."})
-    n_embd: int | None = field(
-        default=None, metadata={"help": "Override the preset's width (divisible by n_head)."}
+    preset: str = setting("tiny", f"Model size: one of {', '.join(PRESETS)}.")
+    n_layer: int | None = setting(None, "Override the preset's number of blocks.")
+    n_head: int | None = setting(None, "Override the preset's attention heads.")
+    n_embd: int | None = setting(None, "Override the preset's width (divisible by n_head).")
+    n_positions: int | None = setting(None, "Override the longest sequence the model takes.")
+    init_from: str = setting(
+        "scratch", "'scratch' (GPT-2 initialisation), a Hub name such as 'gpt2', or a local model folder."
     )
-    n_positions: int | None = field(
-        default=None, metadata={"help": "Override the longest sequence the model takes."}
+    dropout: float = setting(0.0, "Dropout on embeddings, attention and residuals (0 for pretraining).")
+    pad_vocab_to_multiple_of: int = setting(
+        64, "Round the embedding table up (50257 -> 50304) for faster matmuls; 1 = off."
     )
-    init_from: str = field(
-        default="scratch",
-        metadata={
-            "help": "'scratch' (GPT-2 initialisation), a Hub name such as 'gpt2', or a local model folder."
-        },
-    )
-    dropout: float = field(
-        default=0.0, metadata={"help": "Dropout on embeddings, attention and residuals (0 for pretraining)."}
-    )
-    pad_vocab_to_multiple_of: int = field(
-        default=64,
-        metadata={"help": "Round the embedding table up (50257 -> 50304) for faster matmuls; 1 = off."},
-    )
-    attn_implementation: str = field(
-        default="sdpa", metadata={"help": "Attention kernel: 'sdpa', 'eager' or 'flash_attention_2'."}
-    )
-    loss_impl: str = field(
-        default="chunked",
-        metadata={
-            "help": "'chunked' (fused, never builds fp32 logits) or 'hf' (GPT2LMHeadModel's own loss)."
-        },
+    attn_implementation: str = setting("sdpa", "Attention kernel: 'sdpa', 'eager' or 'flash_attention_2'.")
+    loss_impl: str = setting(
+        "chunked", "'chunked' (fused, never builds fp32 logits) or 'hf' (GPT2LMHeadModel's own loss)."
     )
 
 
@@ -87,70 +78,44 @@ class ModelArguments:
 class DataArguments:
     """Where text comes from and how it becomes batches."""
 
-    dataset: str = field(
-        default="builtin",
-        metadata={
-            "help": "Data source: 'builtin', a local file/folder/glob (.txt .jsonl .json .parquet), "
-            "'hf:<repo>[:<config>]', 'openwebtext', 'deeplake:<path>', 'al://org/name', 'hub://org/name', "
-            "'s3://bucket/path' (DeepLake on S3), or 'hf-parquet:' / 'hf-json:' with an s3:// or https:// URL."
-        },
+    dataset: str = setting(
+        "builtin",
+        "Data source: 'builtin', a local file/folder/glob (.txt .jsonl .json .parquet), "
+        "'hf:<repo>[:<config>]', 'openwebtext', 'deeplake:<path>', 'al://org/name', 'hub://org/name', "
+        "'s3://bucket/path' (DeepLake on S3), or 'hf-parquet:' / 'hf-json:' with an s3:// or https:// URL.",
     )
-    text_field: str = field(default="text", metadata={"help": "Field or column that holds the text."})
-    dataset_split: str = field(default="train", metadata={"help": "Split to stream from a Hub dataset."})
-    txt_mode: str = field(
-        default="file", metadata={"help": ".txt files: 'file' (one document each) or 'paragraph'."}
+    text_field: str = setting("text", "Field or column that holds the text.")
+    dataset_split: str = setting("train", "Split to stream from a Hub dataset.")
+    txt_mode: str = setting("file", ".txt files: 'file' (one document each) or 'paragraph'.")
+    shards_dir: str | None = setting(
+        None, "Folder of token shards written by `train.py prepare` (fastest input)."
     )
-    shards_dir: str | None = field(
-        default=None,
-        metadata={"help": "Folder of token shards written by `train.py prepare` (fastest input)."},
+    tokenizer: str = setting(
+        "auto", "'auto' (train a BPE on the built-in corpus, else GPT-2's), 'train', a Hub name or a folder."
     )
-    tokenizer: str = field(
-        default="auto",
-        metadata={
-            "help": "'auto' (train a BPE on the built-in corpus, else GPT-2's), 'train', a Hub name or a folder."
-        },
+    tokenizer_vocab_size: int = setting(8192, "Vocabulary size when training a tokenizer.")
+    block_size: int = setting(256, "Tokens per training sequence (<= n_positions).")
+    validation_per_mille: int = setting(
+        50, "Documents held out for evaluation, per thousand, chosen by a hash of the text."
     )
-    tokenizer_vocab_size: int = field(
-        default=8192, metadata={"help": "Vocabulary size when training a tokenizer."}
+    shuffle_buffer: int = setting(512, "Packed sequences in the seeded shuffle buffer; 0 = off.")
+    shuffle_shards: bool = setting(True, "Shuffle file/shard order each epoch (seeded).")
+    eval_max_sequences: int = setting(256, "Held-out sequences used by each evaluation.")
+    max_piece_chars: int = setting(1_000_000, "Longer documents are read in pieces.")
+    network_retries: int = setting(
+        8,
+        "Remote sources (S3, HTTP): retries of a failed read, in a row, before the run saves its last "
+        "completed step and stops; each retry is logged with the URL and reason.",
     )
-    block_size: int = field(default=256, metadata={"help": "Tokens per training sequence (<= n_positions)."})
-    validation_per_mille: int = field(
-        default=50,
-        metadata={"help": "Documents held out for evaluation, per thousand, chosen by a hash of the text."},
+    network_backoff: float = setting(1.0, "Seconds before the first retry; each next wait doubles.")
+    network_backoff_max: float = setting(60.0, "Longest wait between two retries.")
+    network_timeout: float = setting(
+        60.0, "Seconds to connect, or to wait for data, before a read counts as failed (S3, HTTP)."
     )
-    shuffle_buffer: int = field(
-        default=512, metadata={"help": "Packed sequences in the seeded shuffle buffer; 0 = off."}
-    )
-    shuffle_shards: bool = field(
-        default=True, metadata={"help": "Shuffle file/shard order each epoch (seeded)."}
-    )
-    eval_max_sequences: int = field(
-        default=256, metadata={"help": "Held-out sequences used by each evaluation."}
-    )
-    max_piece_chars: int = field(default=1_000_000, metadata={"help": "Longer documents are read in pieces."})
-    network_retries: int = field(
-        default=8,
-        metadata={
-            "help": "Remote sources (S3, HTTP): retries of a failed read, in a row, before the run saves its last "
-            "completed step and stops; each retry is logged with the URL and reason."
-        },
-    )
-    network_backoff: float = field(
-        default=1.0, metadata={"help": "Seconds before the first retry; each next wait doubles."}
-    )
-    network_backoff_max: float = field(default=60.0, metadata={"help": "Longest wait between two retries."})
-    network_timeout: float = field(
-        default=60.0,
-        metadata={
-            "help": "Seconds to connect, or to wait for data, before a read counts as failed (S3, HTTP)."
-        },
-    )
-    network_prefetch: int = field(
-        default=4,
-        metadata={
-            "help": "Remote sources: shards (files, DeepLake row chunks) read ahead in background threads, to "
-            "hide network latency; 0 = read on demand."
-        },
+    network_prefetch: int = setting(
+        4,
+        "Remote sources: shards (files, DeepLake row chunks) read ahead in background threads, to "
+        "hide network latency; 0 = read on demand.",
     )
 
 
@@ -158,64 +123,43 @@ class DataArguments:
 class RunArguments:
     """How this project runs a job, beyond what `TrainingArguments` covers."""
 
-    precision: str = field(
-        default="auto",
-        metadata={
-            "help": "auto | bf16 | fp16 | fp32. auto: bf16 where supported, fp16 on older GPUs, else fp32."
-        },
+    precision: str = setting(
+        "auto", "auto | bf16 | fp16 | fp32. auto: bf16 where supported, fp16 on older GPUs, else fp32."
     )
-    resume: str = field(
-        default="auto",
-        metadata={
-            "help": "'auto' (the newest sound checkpoint in output_dir; an error if the folder holds a run with "
-            "none), 'never', or a checkpoint path."
-        },
+    resume: str = setting(
+        "auto",
+        "'auto' (the newest sound checkpoint in output_dir; an error if the folder holds a run with "
+        "none), 'never', or a checkpoint path.",
     )
-    overwrite_output_dir: bool = field(
-        default=False,
-        metadata={
-            "help": "With --resume never: replace what an earlier run wrote in output_dir (only the tool's own "
-            "files; a folder holding anything else is refused)."
-        },
+    overwrite_output_dir: bool = setting(
+        False,
+        "With --resume never: replace what an earlier run wrote in output_dir (only the tool's own "
+        "files; a folder holding anything else is refused).",
     )
-    allow_resume_changes: bool = field(
-        default=False,
-        metadata={"help": "Resume even if the batch size or accumulation differs from the checkpoint."},
+    allow_resume_changes: bool = setting(
+        False, "Resume even if the batch size or accumulation differs from the checkpoint."
     )
-    max_bad_steps: int = field(
-        default=5,
-        metadata={"help": "Stop after this many consecutive steps with a non-finite loss or gradient."},
+    max_bad_steps: int = setting(
+        5, "Stop after this many consecutive steps with a non-finite loss or gradient."
     )
     sample_prompts: list[str] = field(
         default_factory=lambda: ["The", "A function that"],
         metadata={"help": "Prompts for the samples generated at each evaluation and at the end."},
     )
-    sample_max_new_tokens: int = field(
-        default=40, metadata={"help": "Tokens generated per sample (0: no samples)."}
+    sample_max_new_tokens: int = setting(40, "Tokens generated per sample (0: no samples).")
+    logging_dir: str | None = setting(None, "TensorBoard folder (default: output_dir/tensorboard).")
+    plot: bool = setting(True, "Save loss_curve.png in output_dir at the end.")
+    save_final_model: bool = setting(True, "Save model + tokenizer to output_dir/final.")
+    save_dtype: str = setting(
+        "fp32",
+        "fp32 | bf16 | fp16: weights of the final model (half the size in 16 bits; its held-out "
+        "figures are measured again); checkpoints stay fp32.",
     )
-    logging_dir: str | None = field(
-        default=None, metadata={"help": "TensorBoard folder (default: output_dir/tensorboard)."}
+    license: str | None = setting(
+        None, "License id for the model card, e.g. apache-2.0 or mit (none is stated if unset)."
     )
-    plot: bool = field(default=True, metadata={"help": "Save loss_curve.png in output_dir at the end."})
-    save_final_model: bool = field(
-        default=True, metadata={"help": "Save model + tokenizer to output_dir/final."}
-    )
-    save_dtype: str = field(
-        default="fp32",
-        metadata={
-            "help": "fp32 | bf16 | fp16: weights of the final model (half the size in 16 bits; its held-out "
-            "figures are measured again); checkpoints stay fp32."
-        },
-    )
-    license: str | None = field(
-        default=None,
-        metadata={"help": "License id for the model card, e.g. apache-2.0 or mit (none is stated if unset)."},
-    )
-    write_heldout: str | None = field(
-        default=None,
-        metadata={
-            "help": "Write the held-out sequences' text to this JSON-lines file (for lm-evaluation-harness)."
-        },
+    write_heldout: str | None = setting(
+        None, "Write the held-out sequences' text to this JSON-lines file (for lm-evaluation-harness)."
     )
 
 
@@ -223,57 +167,31 @@ class RunArguments:
 class GPT2TrainingArguments(TrainingArguments):
     """Hugging Face `TrainingArguments` with defaults for GPT-2 pretraining (nanoGPT's recipe, scaled down)."""
 
-    output_dir: str = field(
-        default="runs/gpt2", metadata={"help": "Where checkpoints, logs and the model go."}
+    output_dir: str = setting("runs/gpt2", "Where checkpoints, logs and the model go.")
+    per_device_train_batch_size: int = setting(16, "Sequences per device per micro-step.")
+    per_device_eval_batch_size: int = setting(16, "Sequences per device per eval batch.")
+    gradient_accumulation_steps: int = setting(1, "Micro-steps per optimizer step.")
+    learning_rate: float = setting(6e-4, "Peak learning rate.")
+    weight_decay: float = setting(0.1, "AdamW decay on matrices (not biases/norms).")
+    adam_beta2: float = setting(0.95, "AdamW beta2.")
+    max_grad_norm: float = setting(1.0, "Clip the global gradient norm; 0 = off.")
+    max_steps: int = setting(
+        -1, "Optimizer steps to train for; > 0 overrides --num_train_epochs (as in the Trainer)."
     )
-    per_device_train_batch_size: int = field(
-        default=16, metadata={"help": "Sequences per device per micro-step."}
+    num_train_epochs: float = setting(
+        3.0, "Passes over a corpus of known size (local files, prepared shards) when max_steps <= 0."
     )
-    per_device_eval_batch_size: int = field(
-        default=16, metadata={"help": "Sequences per device per eval batch."}
-    )
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-steps per optimizer step."})
-    learning_rate: float = field(default=6e-4, metadata={"help": "Peak learning rate."})
-    weight_decay: float = field(default=0.1, metadata={"help": "AdamW decay on matrices (not biases/norms)."})
-    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2."})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the global gradient norm; 0 = off."})
-    max_steps: int = field(
-        default=-1,
-        metadata={
-            "help": "Optimizer steps to train for; > 0 overrides --num_train_epochs (as in the Trainer)."
-        },
-    )
-    num_train_epochs: float = field(
-        default=3.0,
-        metadata={
-            "help": "Passes over a corpus of known size (local files, prepared shards) when max_steps <= 0."
-        },
-    )
-    warmup_steps: float = field(
-        default=100, metadata={"help": "Linear warmup steps (a float < 1 is a ratio)."}
-    )
-    lr_scheduler_type: SchedulerType | str = field(
-        default="cosine", metadata={"help": "cosine, linear, constant_with_warmup..."}
-    )
-    optim: OptimizerNames | str = field(
-        default="adamw_torch", metadata={"help": f"One of {', '.join(SUPPORTED_OPTIMIZERS)}."}
-    )
-    logging_steps: float = field(default=10, metadata={"help": "Log every N optimizer steps."})
-    eval_strategy: str = field(default="steps", metadata={"help": "'steps' (every --eval_steps) or 'no'."})
-    eval_steps: float | None = field(
-        default=200, metadata={"help": "Evaluate (and sample) every N steps; 0 = --eval_strategy no."}
-    )
-    eval_on_start: bool = field(
-        default=True, metadata={"help": "Evaluate the untrained model before step 1."}
-    )
-    save_steps: float = field(
-        default=200, metadata={"help": "Write an atomic checkpoint every N steps; 0 = --save_strategy no."}
-    )
-    hub_strategy: str = field(
-        default="end", metadata={"help": "With --push_to_hub: 'end' uploads final/ when training ends."}
-    )
-    save_total_limit: int | None = field(default=2, metadata={"help": "Keep this many newest checkpoints."})
-    seed: int = field(default=1337, metadata={"help": "Seed for initialisation, dropout and data order."})
+    warmup_steps: float = setting(100, "Linear warmup steps (a float < 1 is a ratio).")
+    lr_scheduler_type: SchedulerType | str = setting("cosine", "cosine, linear, constant_with_warmup...")
+    optim: OptimizerNames | str = setting("adamw_torch", f"One of {', '.join(SUPPORTED_OPTIMIZERS)}.")
+    logging_steps: float = setting(10, "Log every N optimizer steps.")
+    eval_strategy: str = setting("steps", "'steps' (every --eval_steps) or 'no'.")
+    eval_steps: float | None = setting(200, "Evaluate (and sample) every N steps; 0 = --eval_strategy no.")
+    eval_on_start: bool = setting(True, "Evaluate the untrained model before step 1.")
+    save_steps: float = setting(200, "Write an atomic checkpoint every N steps; 0 = --save_strategy no.")
+    hub_strategy: str = setting("end", "With --push_to_hub: 'end' uploads final/ when training ends.")
+    save_total_limit: int | None = setting(2, "Keep this many newest checkpoints.")
+    seed: int = setting(1337, "Seed for initialisation, dropout and data order.")
     report_to: None | str | list[str] = field(
         default="none",
         metadata={
@@ -282,12 +200,10 @@ class GPT2TrainingArguments(TrainingArguments):
             "nargs": "+",
         },  # without it the parser keeps only the first name
     )
-    dataloader_num_workers: int = field(
-        default=0,
-        metadata={
-            "help": "Background processes that read and tokenize a streamed source ahead of the training step "
-            "(0: in the training process); sequences and resume positions are the same for every value."
-        },
+    dataloader_num_workers: int = setting(
+        0,
+        "Background processes that read and tokenize a streamed source ahead of the training step "
+        "(0: in the training process); sequences and resume positions are the same for every value.",
     )
 
     def __post_init__(self):
