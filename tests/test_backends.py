@@ -1,4 +1,4 @@
-"""backends.py: which backend the settings choose, and the settings no backend can run, refused before any work
+"""backends/: which backend the settings choose, and the settings no backend can run, refused before any work
 with a one-line fix. The backends' training behaviour is proved with real processes in tests/test_distributed.py."""
 
 from __future__ import annotations
