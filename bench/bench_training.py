@@ -499,35 +499,17 @@ def run_engine_vs_raw(a, device, shape) -> list[dict]:
 
 
 # -- the memory grid ------------------------------------------------------------------------------------------------
+# GPT-2 small, 1024-token sequences, bf16, unless a row says otherwise
+_GRID_BASE = dict(config="gpt2-small", block_size=1024, precision="bf16")
 GRID = [
-    dict(config="gpt2-small", per_device_train_batch_size=8, block_size=1024, precision="bf16"),
-    dict(config="gpt2-small", per_device_train_batch_size=16, block_size=1024, precision="bf16"),
-    dict(
-        config="gpt2-small", per_device_train_batch_size=8, block_size=1024, precision="bf16", loss_impl="hf"
-    ),
-    dict(
-        config="gpt2-small",
-        per_device_train_batch_size=16,
-        block_size=1024,
-        precision="bf16",
-        gradient_checkpointing=True,
-    ),
-    dict(config="gpt2-small", per_device_train_batch_size=8, block_size=1024, precision="fp32"),
-    dict(
-        config="gpt2-small",
-        per_device_train_batch_size=8,
-        block_size=1024,
-        precision="bf16",
-        optim="adamw_8bit",
-    ),
-    dict(config="gpt2-medium", per_device_train_batch_size=8, block_size=1024, precision="bf16"),
-    dict(
-        config="gpt2-medium",
-        per_device_train_batch_size=8,
-        block_size=1024,
-        precision="bf16",
-        gradient_checkpointing=True,
-    ),
+    dict(_GRID_BASE, per_device_train_batch_size=8),
+    dict(_GRID_BASE, per_device_train_batch_size=16),
+    dict(_GRID_BASE, per_device_train_batch_size=8, loss_impl="hf"),
+    dict(_GRID_BASE, per_device_train_batch_size=16, gradient_checkpointing=True),
+    dict(_GRID_BASE, per_device_train_batch_size=8, precision="fp32"),
+    dict(_GRID_BASE, per_device_train_batch_size=8, optim="adamw_8bit"),
+    dict(_GRID_BASE, config="gpt2-medium", per_device_train_batch_size=8),
+    dict(_GRID_BASE, config="gpt2-medium", per_device_train_batch_size=8, gradient_checkpointing=True),
 ]
 
 

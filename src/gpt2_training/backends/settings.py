@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass
 
 from ..errors import ConfigError
+from ..precision import resolve_precision
 from .base import Backend
 from .deepspeed import DeepSpeedBackend, deepspeed_config
 from .fsdp2 import FSDP2Backend, read_fsdp_settings
@@ -46,8 +47,6 @@ class BackendSettings:
 def backend_settings(train_args, precision: str | None = None) -> BackendSettings:
     """Read the backend settings of `train_args` (a TrainingArguments) once; `precision` None means not resolved
     yet ("auto"), which skips the checks that need it."""
-    from ..precision import resolve_precision
-
     problems: list[str] = []
     fsdp = read_fsdp_settings(train_args)
     try:
