@@ -499,15 +499,17 @@ def run_engine_vs_raw(a, device, shape) -> list[dict]:
 
 
 # -- the memory grid ------------------------------------------------------------------------------------------------
+# GPT-2 small, 1024-token sequences, bf16, unless a row says otherwise
+_GRID_BASE = dict(config="gpt2-small", block_size=1024, precision="bf16")
 GRID = [
-    dict(config="gpt2-small", micro_batch=8, seq_len=1024, precision="bf16"),
-    dict(config="gpt2-small", micro_batch=16, seq_len=1024, precision="bf16"),
-    dict(config="gpt2-small", micro_batch=8, seq_len=1024, precision="bf16", loss_impl="hf"),
-    dict(config="gpt2-small", micro_batch=16, seq_len=1024, precision="bf16", gradient_checkpointing=True),
-    dict(config="gpt2-small", micro_batch=8, seq_len=1024, precision="fp32"),
-    dict(config="gpt2-small", micro_batch=8, seq_len=1024, precision="bf16", optimizer="adamw_8bit"),
-    dict(config="gpt2-medium", micro_batch=8, seq_len=1024, precision="bf16"),
-    dict(config="gpt2-medium", micro_batch=8, seq_len=1024, precision="bf16", gradient_checkpointing=True),
+    dict(_GRID_BASE, per_device_train_batch_size=8),
+    dict(_GRID_BASE, per_device_train_batch_size=16),
+    dict(_GRID_BASE, per_device_train_batch_size=8, loss_impl="hf"),
+    dict(_GRID_BASE, per_device_train_batch_size=16, gradient_checkpointing=True),
+    dict(_GRID_BASE, per_device_train_batch_size=8, precision="fp32"),
+    dict(_GRID_BASE, per_device_train_batch_size=8, optim="adamw_8bit"),
+    dict(_GRID_BASE, config="gpt2-medium", per_device_train_batch_size=8),
+    dict(_GRID_BASE, config="gpt2-medium", per_device_train_batch_size=8, gradient_checkpointing=True),
 ]
 
 
@@ -519,7 +521,7 @@ def memory_grid(device: torch.device) -> list[dict]:
         plan = plan_memory(**g)
         row = {**g, "predicted_peak_gib": plan.peak / GIB, "measured_peak_gib": None, "ratio": None}
         if device.type == "cuda":
-            if g.get("optimizer") == "adamw_8bit":
+            if g.get("optim") == "adamw_8bit":
                 try:
                     import bitsandbytes  # noqa: F401
                 except ImportError:

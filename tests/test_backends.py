@@ -1,4 +1,4 @@
-"""backends.py: which backend the settings choose, and the settings no backend can run, refused before any work
+"""backends/: which backend the settings choose, and the settings no backend can run, refused before any work
 with a one-line fix. The backends' training behaviour is proved with real processes in tests/test_distributed.py."""
 
 from __future__ import annotations
@@ -181,3 +181,46 @@ def test_a_finished_run_leaves_its_process_group(tmp_path, env):
         "; FSDP2 (full_shard: weights, gradients and optimizer state sharded over 1 process)" in proc.stdout
     )
     assert "terminate called" not in proc.stderr
+
+
+def test_one_reading_of_the_settings_serves_the_check_and_the_construction(monkeypatch):
+    """`backend_settings` reads --fsdp / --deepspeed once: the object it returns holds what `backend_problems`
+    reports, refuses to build with exactly those problems, and builds the backend when there are none."""
+    from gpt2_training.backends import BackendSettings, backend_settings
+    from gpt2_training.errors import ConfigError
+
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    bad = _args(fsdp="shard_grad_op", fsdp_config={"transformer_layer_cls_to_wrap": ["GPT2Layer"]})
+    settings = backend_settings(bad, "fp32")
+    assert settings.kind == "fsdp" and settings.reshard_after_forward is False
+    assert list(settings.problems) == backend_problems(bad, "fp32") and "GPT2Layer" in settings.problems[0]
+    with pytest.raises(ConfigError) as refused:
+        settings.build()
+    assert refused.value.problems == list(settings.problems)
+
+    good = _args(deepspeed=str(CONFIGS / "ds_zero3.json"), gradient_accumulation_steps=2)
+    settings = backend_settings(good, "bf16")
+    assert settings.problems == () and backend_problems(good, "bf16") == []
+    assert settings.deepspeed["gradient_accumulation_steps"] == 2
+    backend = settings.build()
+    assert isinstance(backend, DeepSpeedBackend) and backend.settings is settings and backend.A == 2
+    assert backend.stage == 3 and backend.ds_config["bf16"]["enabled"] is True
+    # read for the check before the precision is resolved ("auto"), the settings build nothing
+    with pytest.raises(ValueError, match="resolved precision"):
+        BackendSettings(precision=None).build()
+
+
+def test_building_consumes_the_accelerate_launch_variables(monkeypatch):
+    """An `accelerate launch` FSDP config reaches the reading through the environment; building the backend
+    removes the variable, so the Accelerator built next stays plain and a second reading sees no FSDP."""
+    from gpt2_training.backends import backend_settings
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_OFFLOAD_PARAMS", "true")
+    settings = backend_settings(_args(), "fp32")
+    assert settings.kind == "fsdp" and any("cpu_offload" in p for p in settings.problems)
+    monkeypatch.setenv("FSDP_OFFLOAD_PARAMS", "false")
+    settings = backend_settings(_args(), "fp32")
+    assert settings.problems == () and isinstance(settings.build(), FSDP2Backend)
+    assert backend_settings(_args(), "fp32").kind == "ddp"

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from gpt2_training.backends import FORBIDDEN_DS_SECTIONS, deepspeed_config
 from gpt2_training.cli import parse_config
-from gpt2_training.launch import FORBIDDEN_DS_SECTIONS, deepspeed_config
 from gpt2_training.options import validate
 
 CONFIGS = Path(__file__).resolve().parents[1] / "01-Full-Fine-Tuning" / "configs"

@@ -27,13 +27,8 @@ from conftest import OFFLINE, train_losses, wait_for
 from safetensors.torch import load_file
 
 from gpt2_training import checkpoint as ckpt
-from gpt2_training.launch import (
-    REPO_ROOT,
-    TRAIN_SCRIPT,
-    deepspeed_config,
-    launch_multiprocess,
-    torchrun_command,
-)
+from gpt2_training.backends import deepspeed_config
+from gpt2_training.launch import REPO_ROOT, TRAIN_SCRIPT, launch_multiprocess, torchrun_command
 
 CONFIGS = REPO_ROOT / "01-Full-Fine-Tuning" / "configs"
 # DS_ACCELERATOR: the `deepspeed` launcher runs before the trainer could choose DeepSpeed's CPU accelerator
@@ -521,7 +516,7 @@ def test_nonfinite_step_is_really_skipped_under_deepspeed(shards, tmp_path):
 def test_zero_resumes_on_another_process_count(shards, zero, tmp_path, stage):
     """ZeRO-2's and ZeRO-3's step-3 checkpoints (2 processes) continued on 1 process with twice the accumulation:
     converted to DeepSpeed's universal format on the fly, they follow the uninterrupted 2-process run (ZeRO-3
-    only with the repair of DeepSpeed 0.19.8's universal load in backends.py: without it the losses part from
+    only with the repair of DeepSpeed 0.19.8's universal load in backends/deepspeed.py: without it the losses part from
     step 5 on)."""
     out = tmp_path / f"zero{stage}-on-1"
     shutil.copytree(zero[stage] / "checkpoint-3", out / "checkpoint-3")

@@ -60,7 +60,7 @@ def _measure(cfg: GPT2Config, optimizer: str) -> dict[str, int]:
 def test_static_bytes_are_exact(preset, vocab, optimizer):
     cfg = _config(preset, vocab)
     measured = _measure(cfg, optimizer)
-    plan = plan_memory(cfg, micro_batch=2, seq_len=16, precision="fp32", optimizer=optimizer)
+    plan = plan_memory(cfg, per_device_train_batch_size=2, block_size=16, precision="fp32", optim=optimizer)
     predicted = {
         "weights": plan.weights,
         "gradients": plan.gradients,
@@ -94,7 +94,11 @@ def test_activations_match_saved_tensors(precision, checkpointing):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             lm.transformer(input_ids=x, use_cache=False)
     plan = plan_memory(
-        cfg, micro_batch=B, seq_len=T, precision=precision, gradient_checkpointing=checkpointing
+        cfg,
+        per_device_train_batch_size=B,
+        block_size=T,
+        precision=precision,
+        gradient_checkpointing=checkpointing,
     )
     s = 2 if precision == "bf16" else 4
     predicted = activation_bytes(cfg, B, T, s, checkpointing)
@@ -117,18 +121,25 @@ def test_sharding_divides_the_right_parts():
 
 
 def test_gpt2_small_batch_48_needs_a_change_for_24_gib():
-    plan = plan_memory("gpt2-small", micro_batch=48, seq_len=1024, precision="bf16")
+    plan = plan_memory("gpt2-small", per_device_train_batch_size=48, block_size=1024, precision="bf16")
     assert not fits(plan, 24)
-    adv = advise("gpt2-small", micro_batch=48, seq_len=1024, precision="bf16", gpu_memory_gib=24)
+    adv = advise(
+        "gpt2-small", per_device_train_batch_size=48, block_size=1024, precision="bf16", gpu_memory_gib=24
+    )
     assert not adv.fits_as_is and adv.found
     assert fits(plan_memory(**adv.settings), 24)
-    assert adv.settings["micro_batch"] * adv.settings["grad_accum"] == 48  # effective batch kept
+    # effective batch kept
+    assert adv.settings["per_device_train_batch_size"] * adv.settings["gradient_accumulation_steps"] == 48
     assert "does NOT fit" in adv.text()
 
 
 def test_advice_escalates_to_sharding_on_several_gpus():
     kw = dict(
-        micro_batch=1, seq_len=1024, precision="bf16", gradient_checkpointing=True, optimizer="adamw_8bit"
+        per_device_train_batch_size=1,
+        block_size=1024,
+        precision="bf16",
+        gradient_checkpointing=True,
+        optim="adamw_8bit",
     )
     assert not fits(plan_memory("gpt2-xl", **kw), 12)
     adv = advise("gpt2-xl", **kw, num_gpus=8, gpu_memory_gib=12)
@@ -200,7 +211,7 @@ def test_prediction_close_to_measured_on_gpu():
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--micro_batch", "0"], "micro_batch must be >= 1"),
+        (["--micro_batch", "0"], "per_device_train_batch_size must be >= 1"),
         (["--num_gpus", "0"], "num_gpus must be >= 1"),
         (["--zero_stage", "2", "--fsdp"], "choose ZeRO (DeepSpeed) or FSDP, not both"),
         (["--gpu_memory_gib", "0"], "gpu_memory_gib must be > 0"),

@@ -81,16 +81,16 @@ def test_reachable_is_false_for_a_closed_port():
 
 
 def test_memory_table_columns_add_up_to_the_planners_total():
-    table = tutorial.memory_table(micro_batch=4, seq_len=512, precision="bf16")
+    table = tutorial.memory_table(per_device_train_batch_size=4, block_size=512, precision="bf16")
     for row in table.rows:
         parts = sum(v for k, v in row.items() if k not in ("preset", "total"))
         assert parts == pytest.approx(row["total"], rel=1e-9)
-        plan = plan_memory(row["preset"], micro_batch=4, seq_len=512, precision="bf16")
+        plan = plan_memory(row["preset"], per_device_train_batch_size=4, block_size=512, precision="bf16")
         assert row["total"] == pytest.approx(plan.total / GIB)
         assert row["AdamW states"] == pytest.approx(
             2 * row["gradients"], rel=1e-3
         )  # 8 bytes vs 4 per parameter
-    assert "micro_batch=4" in table.caption
+    assert "per_device_train_batch_size=4" in table.caption
 
 
 def test_benchmark_table_shows_median_steps_and_their_ratio_to_the_raw_loop(tmp_path):

@@ -20,7 +20,7 @@ A checkpoint folder `checkpoint-<step>` holds:
                                      on load
 
 Nothing here unpickles arbitrary objects: a crafted pickle in any file is refused by `weights_only=True`
-(DeepSpeed's own files are checked the same way before DeepSpeed reads them, see backends.py).
+(DeepSpeed's own files are checked the same way before DeepSpeed reads them, see backends/deepspeed.py).
 With several processes every process writes into the same temporary folder (on a multi-node run, output_dir
 must be on a file system all nodes share); process 0 then writes the manifest and renames.
 """
@@ -37,7 +37,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,6 +45,7 @@ import torch
 from .config import model_shape
 from .errors import CheckpointError, ConfigError, disk_full
 from .export import save_hf_model
+from .state import OwnFiles, Sharded
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 _TMP_NAME = re.compile(r"^\.(checkpoint-\d+)\.tmp$")
@@ -343,21 +344,6 @@ SCHEDULE_PARTS = ("scheduler", "scaler")
 # process's state, so that a run on another number of processes can redistribute them
 PER_PROCESS_PARTS = ("data", "rng")
 _RANK_FILE = re.compile(r"^rank(\d+)\.json$")
-
-
-class Sharded(dict):
-    """A model state of which every process holds a part (FSDP's DTensors): all processes write it together with
-    torch.distributed.checkpoint, and any number of processes can read it back."""
-
-
-@runtime_checkable
-class OwnFiles(Protocol):
-    """The model state of a library that persists only through its own files (DeepSpeed's engine): checkpoint.py
-    names the folder, and the library writes or reads it."""
-
-    def save(self, folder: Path) -> None: ...
-
-    def load(self, folder: Path) -> None: ...
 
 
 def save(

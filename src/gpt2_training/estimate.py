@@ -1,17 +1,5 @@
-"""Time and cost of a training run from a MEASURED throughput:
-
-    train.py estimate --preset gpt2-small --tokens 9e9 --tokens_per_s 500000 --gpus 8 --price_per_gpu_hour 2.5
-
-`--tokens_per_s` is the throughput of the whole job (all GPUs together), as the training log prints it per
-process times the number of processes; `--tokens_per_s_per_gpu` takes a per-GPU figure instead and ASSUMES
-linear scaling to `--gpus`. Measure it with `bench/bench_training.py` or a short run of the real job.
-
-`--from_preset P --from_tokens_per_s X` derives the throughput of `--preset` from one measured on another model
-size by the ratio of training FLOPs per token. That is an EXTRAPOLATION: it assumes the same model FLOPs
-utilisation, which holds roughly for neighbouring sizes on the same GPU, batch and sequence length, and is
-optimistic for small models (less work per kernel launch) and when the larger model needs checkpointing or
-sharding.
-"""
+"""Time and cost of a training run from a MEASURED throughput (`train.py estimate`), or from one measured on
+another model size, extrapolated by FLOPs per token and said to be so."""
 
 from __future__ import annotations
 
@@ -24,12 +12,12 @@ from .model import count_parameters
 from .planner import resolve_config
 
 
-def _model_numbers(model: int | str, seq_len: int | None) -> tuple[int, float, str]:
+def _model_numbers(model: int | str, block_size: int | None) -> tuple[int, float, str]:
     """(n_params, training FLOPs per token, label) for a preset name or a bare parameter count."""
     if isinstance(model, str):
         cfg = resolve_config(model)
         n = count_parameters(cfg)
-        return n, flops_per_token(n, cfg.n_layer, cfg.n_embd, seq_len or cfg.n_positions), model
+        return n, flops_per_token(n, cfg.n_layer, cfg.n_embd, block_size or cfg.n_positions), model
     n = int(model)
     return n, 6.0 * n, f"{n / 1e6:.1f} M parameters"  # no shape known: 6N (attention not counted)
 
@@ -90,7 +78,7 @@ def estimate(
     num_gpus: int = 1,
     price_per_gpu_hour: float | None = None,
     *,
-    seq_len: int | None = None,
+    block_size: int | None = None,
 ) -> Estimate:
     """Wall-clock time, GPU-hours and cost to train `model` (preset name or parameter count) on `tokens` at a
     measured whole-job throughput of `tokens_per_s` on `num_gpus` GPUs."""
@@ -105,7 +93,7 @@ def estimate(
         problems.append(f"price_per_gpu_hour must be >= 0, got {price_per_gpu_hour:g}")
     if problems:
         raise ValueError("; ".join(problems))
-    n, fpt, label = _model_numbers(model, seq_len)
+    n, fpt, label = _model_numbers(model, block_size)
     seconds = tokens / tokens_per_s
     gpu_hours = seconds / 3600 * num_gpus
     return Estimate(
@@ -131,12 +119,12 @@ def extrapolate_tokens_per_s(
     measured_model: int | str,
     target_model: int | str,
     *,
-    seq_len: int | None = None,
+    block_size: int | None = None,
 ) -> tuple[float, str]:
     """EXTRAPOLATION: tokens/s of `target_model` from a measurement on `measured_model`, scaled by the ratio of
     training FLOPs per token (i.e. assuming the same MFU on the same hardware). Returns (tokens/s, explanation)."""
-    _, f_from, l_from = _model_numbers(measured_model, seq_len)
-    _, f_to, l_to = _model_numbers(target_model, seq_len)
+    _, f_from, l_from = _model_numbers(measured_model, block_size)
+    _, f_to, l_to = _model_numbers(target_model, block_size)
     tps = measured_tokens_per_s * f_from / f_to
     note = (
         f"{measured_tokens_per_s:,.0f} tokens/s measured on {l_from} x ({f_from:.3g} / {f_to:.3g} FLOPs per token) "
@@ -148,7 +136,13 @@ def extrapolate_tokens_per_s(
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="train.py estimate", description="Training time and cost from a throughput."
+        prog="train.py estimate",
+        description="Training time and cost from a throughput. --tokens_per_s is the whole job's (all GPUs "
+        "together: the training log's figure per process times the processes); --tokens_per_s_per_gpu ASSUMES "
+        "linear scaling to --gpus. --from_preset P --from_tokens_per_s X EXTRAPOLATES from another model size by "
+        "the ratio of training FLOPs per token, which assumes the same MFU: roughly true for neighbouring sizes "
+        "on the same GPU, batch and block size, optimistic for small models and when the larger one needs "
+        "checkpointing or sharding. Measure with bench/bench_training.py or a short run of the real job.",
     )
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--preset", help="Model size (a preset name).")
@@ -170,7 +164,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", "--num_gpus", dest="gpus", type=int, default=1)
     p.add_argument("--price_per_gpu_hour", type=float, default=None)
     p.add_argument(
-        "--seq_len", type=int, default=None, help="Sequence length (default: the preset's n_positions)."
+        "--block_size",
+        "--seq_len",
+        type=int,
+        default=None,
+        help="Tokens per sequence (default: the preset's n_positions; --seq_len is its older spelling).",
     )
     return p
 
@@ -189,9 +187,11 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         if not a.from_preset:
             p.error("--from_tokens_per_s needs --from_preset")
-        tps, note = extrapolate_tokens_per_s(a.from_tokens_per_s, a.from_preset, model, seq_len=a.seq_len)
+        tps, note = extrapolate_tokens_per_s(
+            a.from_tokens_per_s, a.from_preset, model, block_size=a.block_size
+        )
     try:
-        est = estimate(model, a.tokens, tps, a.gpus, a.price_per_gpu_hour, seq_len=a.seq_len)
+        est = estimate(model, a.tokens, tps, a.gpus, a.price_per_gpu_hour, block_size=a.block_size)
     except ValueError as exc:
         # a one-line error with exit status 2, as for every other bad setting of train.py
         raise ConfigError(f"train.py estimate: {exc}") from exc

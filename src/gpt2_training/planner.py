@@ -1,33 +1,5 @@
-"""Memory planner: how many bytes one GPU needs to train a GPT-2 configuration, and the cheapest change that
-makes it fit a given GPU.
-
-    train.py plan --preset gpt2-small --micro_batch 16 --seq_len 1024 --precision bf16 --gpu_memory_gib 24
-
-What is modelled, and how (every number is derived from the code this project runs, not from a rule of thumb):
-
-* weights, gradients, optimizer states: exact. This project keeps fp32 parameters and uses autocast, so the
-  fp32 weights *are* the master copy (no separate master weights); torch AdamW holds exp_avg + exp_avg_sq
-  (2 x 4 bytes/param) and a 4-byte `step` tensor per parameter tensor; bitsandbytes 0.50 AdamW8bit holds, for a
-  tensor of >= `min_8bit_size` (4096) elements, two uint8 states (2 bytes/param) plus two fp32 absmax values per
-  block of 256 elements, and for smaller tensors two fp32 states; its two 256-entry fp32 quantisation maps are
-  shared by all tensors. Tests compare these numbers with the bytes of real tensors, byte for byte.
-* autocast weight copies: under bf16/fp16 autocast each Conv1D weight is cast once per forward and the copy is
-  saved for backward, so 2 bytes per block parameter live from the forward until that layer's backward.
-* activations: the tensors autograd saves in Hugging Face's eager GPT2Block with SDPA attention (see
-  `layer_activation_bytes_per_token`). torch.compile usually saves less (it recomputes cheap pointwise ops), so
-  for a compiled model this is an upper bound.
-* loss head: the chunked loss keeps its fp32 dL/dhidden and dL/dW_out for the backward pass and builds a few
-  [chunk, vocab] fp32 buffers at a time; 'hf' builds the full [tokens, vocab] logits in the compute dtype, an fp32
-  copy, the fp32 log-softmax and, in backward, two more fp32 [tokens, vocab] gradients.
-* workspace: a fixed allowance for cuBLAS/cuDNN workspaces plus 5% allocator fragmentation, and the CUDA
-  context (~0.5 GiB, outside `torch.cuda.max_memory_allocated`) which `fits` counts.
-
-The peak is the larger of two phases: forward/backward (weights, gradients, states, activations, loss head) and
-the optimizer step (weights, gradients, states and the foreach AdamW's temporary). Sharding (num_gpus > 1):
-ZeRO-1 shards optimizer states, ZeRO-2 also gradients, ZeRO-3 also weights (DeepSpeed's own mixed-precision
-layout: 2-byte weights and gradients, fp32 master + states in the optimizer, as in the ZeRO paper); FSDP shards
-fp32 weights, gradients and states and gathers about two layers at a time.
-"""
+"""Memory planner: how many bytes one GPU needs to train a GPT-2 configuration (`plan_memory`), and the cheapest
+change that makes it fit a given GPU (`advise`, `train.py plan`)."""
 
 from __future__ import annotations
 
@@ -35,6 +7,7 @@ import argparse
 import inspect
 import math
 from dataclasses import asdict, dataclass, field, replace
+from types import SimpleNamespace
 
 from transformers import GPT2Config
 
@@ -60,6 +33,8 @@ OPTIMIZERS = {
     **OPTIMIZER_KINDS,
     "adamw_fused": "adamw_fused",
 }
+# each kind's --optim name, for building it as the training run does
+_OPTIM_NAME = {kind: name for name, kind in reversed(OPTIMIZER_KINDS.items())}
 
 
 # -- the model's tensors ------------------------------------------------------------------------------------------
@@ -97,9 +72,9 @@ def parameter_shapes(config: GPT2Config) -> list[tuple[str, int]]:
     return out
 
 
-def optimizer_state_bytes(config: GPT2Config, optimizer: str = "adamw") -> int:
+def optimizer_state_bytes(config: GPT2Config, optim: str = "adamw_torch") -> int:
     """Bytes of the optimizer's state tensors once it has stepped (unsharded)."""
-    kind = OPTIMIZERS[optimizer]
+    kind = OPTIMIZERS[optim]
     shapes = parameter_shapes(config)
     if kind in ("adamw", "adamw_fused"):
         return sum(2 * 4 * n + 4 for _, n in shapes)  # exp_avg, exp_avg_sq (fp32) + a float32 `step` tensor
@@ -122,7 +97,12 @@ def optimizer_state_bytes(config: GPT2Config, optimizer: str = "adamw") -> int:
 
 # -- activations ----------------------------------------------------------------------------------------------------
 def layer_activation_bytes_per_token(
-    config: GPT2Config, seq_len: int, dtype_bytes: int, attn_impl: str = "sdpa", dropout: float = 0.0
+    config: GPT2Config,
+    block_size: int,
+    dtype_bytes: int,
+    *,
+    attn_implementation: str = "sdpa",
+    dropout: float = 0.0,
 ) -> float:
     """Bytes autograd saves per token in one eager GPT2Block (fp32 weights, autocast to `dtype_bytes`).
 
@@ -139,8 +119,8 @@ def layer_activation_bytes_per_token(
     """
     d, heads = config.n_embd, config.n_head
     per = 8 * d + 16 + 26 * dtype_bytes * d
-    if attn_impl == "eager":
-        per += heads * seq_len * (4 + dtype_bytes + (1 if dropout > 0 else 0))
+    if attn_implementation == "eager":
+        per += heads * block_size * (4 + dtype_bytes + (1 if dropout > 0 else 0))
     else:
         per += 4 * heads
     if dropout > 0:
@@ -150,16 +130,18 @@ def layer_activation_bytes_per_token(
 
 def activation_bytes(
     config: GPT2Config,
-    micro_batch: int,
-    seq_len: int,
+    per_device_train_batch_size: int,
+    block_size: int,
     dtype_bytes: int,
-    gradient_checkpointing: bool,
-    attn_impl: str = "sdpa",
+    gradient_checkpointing: bool = False,
+    attn_implementation: str = "sdpa",
     dropout: float = 0.0,
 ) -> int:
     """Saved activations of the whole transformer (embeddings, blocks, ln_f), excluding the loss head."""
-    tokens = micro_batch * seq_len
-    layer = layer_activation_bytes_per_token(config, seq_len, dtype_bytes, attn_impl, dropout)
+    tokens = per_device_train_batch_size * block_size
+    layer = layer_activation_bytes_per_token(
+        config, block_size, dtype_bytes, attn_implementation=attn_implementation, dropout=dropout
+    )
     if gradient_checkpointing:
         # Non-reentrant checkpointing keeps each block's fp32 input; backward recomputes one block at a time.
         blocks = config.n_layer * 4 * config.n_embd + layer
@@ -173,8 +155,8 @@ def activation_bytes(
 
 def loss_head_bytes(
     config: GPT2Config,
-    micro_batch: int,
-    seq_len: int,
+    per_device_train_batch_size: int,
+    block_size: int,
     dtype_bytes: int,
     loss_impl: str,
     chunk_size: int = CHUNK_SIZE,
@@ -182,11 +164,11 @@ def loss_head_bytes(
     """Peak bytes of the loss computation on top of the activations (see model._ChunkedLinearCrossEntropy)."""
     d, v = config.n_embd, config.vocab_size
     if loss_impl == "hf":
-        n = micro_batch * seq_len
+        n = per_device_train_batch_size * block_size
         forward = (dtype_bytes + (4 if dtype_bytes != 4 else 0) + 4) * n * v  # logits, fp32 copy, log-softmax
         backward = 12 * n * v  # saved log-softmax + nll's dense gradient + log-softmax's input gradient
         return int(max(forward, backward))
-    n = micro_batch * (seq_len - 1)
+    n = per_device_train_batch_size * (block_size - 1)
     copy = (
         dtype_bytes if dtype_bytes != 4 else 0
     )  # `.to(compute_dtype)` is free when the dtype already matches
@@ -208,16 +190,16 @@ class MemoryPlan:
 
     model: str
     n_params: int
-    micro_batch: int
-    seq_len: int
+    per_device_train_batch_size: int
+    block_size: int
     precision: str
     gradient_checkpointing: bool
-    optimizer: str
+    optim: str
     zero_stage: int
     fsdp: bool
     num_gpus: int
     loss_impl: str
-    grad_accum: int
+    gradient_accumulation_steps: int
     weights: int
     gradients: int
     optimizer_states: int
@@ -256,24 +238,23 @@ class MemoryPlan:
         return out
 
     def table(self) -> str:
-        rows = [
-            ("weights", self.weights),
-            ("gradients", self.gradients),
-            ("optimizer states", self.optimizer_states),
-            ("master weights", self.master_weights),
-            ("autocast weight copies", self.autocast_weight_copies),
-            ("activations", self.activations),
-            ("loss head (logits)", self.loss_head),
-            ("workspace + fragmentation", self.workspace),
-            ("optimizer-step temporaries", self.optimizer_temp),
-            ("peak allocated (max_memory_allocated)", self.peak),
-            ("CUDA context", self.cuda_context),
-            ("total per GPU", self.total),
-        ]
+        # the parts in the order they add up, then the totals; each labelled by its name unless named here
+        labels = {
+            "loss_head": "loss head (logits)",
+            "workspace": "workspace + fragmentation",
+            "optimizer_temp": "optimizer-step temporaries",
+            "peak": "peak allocated (max_memory_allocated)",
+            "cuda_context": "CUDA context",
+            "total": "total per GPU",
+        }
+        names = ("weights", "gradients", "optimizer_states", "master_weights", "autocast_weight_copies")
+        names += ("activations", "loss_head", "workspace", "optimizer_temp", "peak", "cuda_context", "total")
+        rows = [(labels.get(n, n.replace("_", " ")), getattr(self, n)) for n in names]
         sharding = f"ZeRO-{self.zero_stage}" if self.zero_stage else ("FSDP" if self.fsdp else "no sharding")
         head = (
-            f"{self.model} ({self.n_params / 1e6:.1f} M params), micro-batch {self.micro_batch} x seq {self.seq_len}"
-            f" x accumulation {self.grad_accum}, {self.precision}, {self.optimizer}, "
+            f"{self.model} ({self.n_params / 1e6:.1f} M params), micro-batch {self.per_device_train_batch_size} x "
+            f"seq {self.block_size} x accumulation {self.gradient_accumulation_steps}, {self.precision}, "
+            f"{OPTIMIZERS[self.optim]}, "
             f"checkpointing {'on' if self.gradient_checkpointing else 'off'}, loss {self.loss_impl}, "
             f"{sharding} on {self.num_gpus} GPU(s)"
         )
@@ -283,36 +264,71 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
-def _norm_optimizer(optimizer: str) -> str:
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer {optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
-    return OPTIMIZERS[optimizer]
+def _optimizer_kind(optim: str) -> str:
+    if optim not in OPTIMIZERS:
+        raise ValueError(f"optim {optim!r}: use one of {', '.join(OPTIMIZERS)}")
+    return OPTIMIZERS[optim]
 
 
 def plan_memory(
     config: GPT2Config | str = "gpt2-small",
-    micro_batch: int = 16,
-    seq_len: int | None = None,
+    per_device_train_batch_size: int = 16,
+    block_size: int | None = None,
     precision: str = "bf16",
     gradient_checkpointing: bool = False,
-    optimizer: str = "adamw",
+    optim: str = "adamw_torch",
     zero_stage: int = 0,
     fsdp: bool = False,
     num_gpus: int = 1,
     loss_impl: str = "chunked",
     *,
-    grad_accum: int = 1,
-    attn_impl: str = "sdpa",
+    gradient_accumulation_steps: int = 1,
+    attn_implementation: str = "sdpa",
     dropout: float = 0.0,
     chunk_size: int = CHUNK_SIZE,
 ) -> MemoryPlan:
-    """Predict per-GPU memory for one training configuration (see the module docstring for the model)."""
+    """Predict per-GPU memory for one training configuration. The settings have the names and meaning of the
+    training settings; zero_stage, fsdp and num_gpus say how the state is sharded.
+
+    What is modelled, and how (every number is derived from the code this project runs, not from a rule of
+    thumb):
+
+    * weights, gradients, optimizer states: exact. This project keeps fp32 parameters and uses autocast, so
+      the fp32 weights *are* the master copy (no separate master weights); torch AdamW holds exp_avg +
+      exp_avg_sq (2 x 4 bytes/param) and a 4-byte `step` tensor per parameter tensor; bitsandbytes 0.50
+      AdamW8bit holds, for a tensor of >= `min_8bit_size` (4096) elements, two uint8 states (2 bytes/param)
+      plus two fp32 absmax values per block of 256 elements, and for smaller tensors two fp32 states; its two
+      256-entry fp32 quantisation maps are shared by all tensors. Tests compare these numbers with the bytes
+      of real tensors, byte for byte.
+    * autocast weight copies: under bf16/fp16 autocast each Conv1D weight is cast once per forward and the
+      copy is saved for backward, so 2 bytes per block parameter live from the forward until that layer's
+      backward.
+    * activations: the tensors autograd saves in Hugging Face's eager GPT2Block with SDPA attention (see
+      `layer_activation_bytes_per_token`). torch.compile usually saves less (it recomputes cheap pointwise
+      ops), so for a compiled model this is an upper bound.
+    * loss head: the chunked loss keeps its fp32 dL/dhidden and dL/dW_out for the backward pass and builds a
+      few [chunk, vocab] fp32 buffers at a time; 'hf' builds the full [tokens, vocab] logits in the compute
+      dtype, an fp32 copy, the fp32 log-softmax and, in backward, two more fp32 [tokens, vocab] gradients.
+    * workspace: a fixed allowance for cuBLAS/cuDNN workspaces plus 5% allocator fragmentation, and the CUDA
+      context (~0.5 GiB, outside `torch.cuda.max_memory_allocated`) which `fits` counts.
+
+    The peak is the larger of two phases: forward/backward (weights, gradients, states, activations, loss
+    head) and the optimizer step (weights, gradients, states and the foreach AdamW's temporary). Sharding
+    (num_gpus > 1): ZeRO-1 shards optimizer states, ZeRO-2 also gradients, ZeRO-3 also weights (DeepSpeed's
+    own mixed-precision layout: 2-byte weights and gradients, fp32 master + states in the optimizer, as in the
+    ZeRO paper); FSDP shards fp32 weights, gradients and states and gathers about two layers at a time.
+    """
     name = config if isinstance(config, str) else f"custom (L={config.n_layer}, d={config.n_embd})"
     cfg = resolve_config(config)
-    seq_len = seq_len or cfg.n_positions
+    block_size = block_size or cfg.n_positions
     if precision not in DTYPE_BYTES:
         raise ValueError(f"precision {precision!r}: use bf16, fp16 or fp32")
-    for what, value in (("micro_batch", micro_batch), ("seq_len", seq_len), ("grad_accum", grad_accum)):
+    counts = {
+        "per_device_train_batch_size": per_device_train_batch_size,
+        "block_size": block_size,
+        "gradient_accumulation_steps": gradient_accumulation_steps,
+    }
+    for what, value in counts.items():
         if value < 1:
             raise ValueError(f"{what} must be >= 1, got {value}")
     if num_gpus < 1:
@@ -323,7 +339,7 @@ def plan_memory(
         raise ValueError("choose ZeRO (DeepSpeed) or FSDP, not both")
     if loss_impl not in ("chunked", "hf"):
         raise ValueError("loss_impl must be 'chunked' or 'hf'")
-    opt = _norm_optimizer(optimizer)
+    opt = _optimizer_kind(optim)
     s = DTYPE_BYTES[precision]
     n_gpus = int(num_gpus)
     shapes = parameter_shapes(cfg)
@@ -365,24 +381,26 @@ def plan_memory(
             f"fp32 weights are the master copy (autocast); bf16 casts of the block weights "
             f"({copies / GIB:.2f} GiB) live from the forward to each layer's backward"
         )
-    acts = activation_bytes(cfg, micro_batch, seq_len, s, gradient_checkpointing, attn_impl, dropout)
-    head = loss_head_bytes(cfg, micro_batch, seq_len, s, loss_impl, chunk_size)
+    acts = activation_bytes(
+        cfg, per_device_train_batch_size, block_size, s, gradient_checkpointing, attn_implementation, dropout
+    )
+    head = loss_head_bytes(cfg, per_device_train_batch_size, block_size, s, loss_impl, chunk_size)
     workspace = WORKSPACE_BYTES + int(FRAGMENTATION * (acts + head))
-    if attn_impl == "sdpa":
+    if attn_implementation == "sdpa":
         notes.append("activations: eager HF GPT2Block with SDPA; torch.compile saves less (upper bound)")
     return MemoryPlan(
         model=name,
         n_params=P,
-        micro_batch=micro_batch,
-        seq_len=seq_len,
+        per_device_train_batch_size=per_device_train_batch_size,
+        block_size=block_size,
         precision=precision,
         gradient_checkpointing=gradient_checkpointing,
-        optimizer=opt,
+        optim=optim,
         zero_stage=zero_stage,
         fsdp=fsdp,
         num_gpus=n_gpus,
         loss_impl=loss_impl,
-        grad_accum=grad_accum,
+        gradient_accumulation_steps=gradient_accumulation_steps,
         weights=weights,
         gradients=grads,
         optimizer_states=states,
@@ -435,6 +453,13 @@ class Advice:
         )
 
 
+def _plan_settings(*args, **settings) -> dict:
+    """`plan_memory`'s arguments as given (positional or by name), with its defaults filled in."""
+    bound = inspect.signature(plan_memory).bind(*args, **settings)
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
 def _divisors_desc(n: int) -> list[int]:
     return [k for k in range(n - 1, 0, -1) if n % k == 0]
 
@@ -443,30 +468,31 @@ def advise(config: GPT2Config | str = "gpt2-small", *, gpu_memory_gib: float, **
     """Does it fit a GPU of `gpu_memory_gib`? If not, the cheapest change (in throughput) that makes it fit.
     `settings` are `plan_memory`'s keyword arguments, with its defaults.
 
-    Changes are tried in order of cost, each keeping the effective batch (micro_batch x accumulation):
+    Changes are tried in order of cost, each keeping the effective batch (per_device_train_batch_size x
+    gradient_accumulation_steps):
       1. a smaller micro-batch with more gradient accumulation (largest micro-batch that fits);
       2. gradient checkpointing (~30% more compute), with the largest micro-batch that then fits;
       3. the 8-bit AdamW (bitsandbytes), again with the largest micro-batch that fits;
       4. with num_gpus > 1: ZeRO-1, ZeRO-2, ZeRO-3/FSDP (more communication), same search.
     """
-    bound = inspect.signature(plan_memory).bind(config, **settings)
-    bound.apply_defaults()
-    base = dict(bound.arguments)
-    micro_batch, grad_accum, num_gpus = base["micro_batch"], base["grad_accum"], base["num_gpus"]
+    base = _plan_settings(config, **settings)
+    batch, accumulation = base["per_device_train_batch_size"], base["gradient_accumulation_steps"]
+    num_gpus = base["num_gpus"]
     plan = plan_memory(**base)
     advice = Advice(fits_as_is=fits(plan, gpu_memory_gib), plan=plan, gpu_memory_gib=gpu_memory_gib)
     if advice.fits_as_is:
         return advice
 
-    effective = micro_batch * grad_accum
+    effective = batch * accumulation
 
     def with_micro_batches(candidate: dict, label: str) -> tuple[dict, MemoryPlan, str] | None:
-        for mb in [candidate["micro_batch"], *_divisors_desc(candidate["micro_batch"])]:
-            s = dict(candidate, micro_batch=mb, grad_accum=effective // mb)
+        first = candidate["per_device_train_batch_size"]
+        for mb in [first, *_divisors_desc(first)]:
+            s = dict(candidate, per_device_train_batch_size=mb, gradient_accumulation_steps=effective // mb)
             p = plan_memory(**s)
             if fits(p, gpu_memory_gib):
                 parts = [label] if label else []
-                if mb != micro_batch:
+                if mb != batch:
                     parts.append(
                         f"--per_device_train_batch_size {mb} --gradient_accumulation_steps "
                         f"{effective // mb} (same effective batch of {effective})"
@@ -478,10 +504,10 @@ def advise(config: GPT2Config | str = "gpt2-small", *, gpu_memory_gib: float, **
     stages: list[tuple[dict, str]] = [(base, "")]
     if not base["gradient_checkpointing"]:
         stages.append((dict(base, gradient_checkpointing=True), "--gradient_checkpointing"))
-    if OPTIMIZERS.get(base["optimizer"]) != "adamw_8bit":
+    if OPTIMIZERS.get(base["optim"]) != "adamw_8bit":
         last = stages[-1][0]
         label = " + ".join(x for x in (stages[-1][1], "--optim adamw_bnb_8bit") if x)
-        stages.append((dict(last, optimizer="adamw_8bit"), label))
+        stages.append((dict(last, optim="adamw_bnb_8bit"), label))
     if num_gpus > 1:
         last, label = stages[-1]
         for z in range(max(base["zero_stage"], 0) + 1, 4):
@@ -507,70 +533,58 @@ def advise(config: GPT2Config | str = "gpt2-small", *, gpu_memory_gib: float, **
 
 
 # -- measurement (GPU) ----------------------------------------------------------------------------------------------
-def measure_peak_memory(
-    config: GPT2Config | str = "gpt2-small",
-    micro_batch: int = 16,
-    seq_len: int | None = None,
-    precision: str = "bf16",
-    gradient_checkpointing: bool = False,
-    optimizer: str = "adamw",
-    loss_impl: str = "chunked",
-    *,
-    steps: int = 3,
-    compile: bool = False,
-    attn_impl: str = "sdpa",
-) -> dict:
+def measure_peak_memory(*plan_args, steps: int = 3, compile: bool = False, **plan_settings) -> dict:
     """Train `steps` steps on random tokens on the current CUDA device; torch.cuda.max_memory_allocated.
 
-    GPU only (raises RuntimeError on a CPU). Single GPU, no sharding: what `plan_memory` predicts with
-    zero_stage=0, so the two can be compared."""
+    Takes `plan_memory`'s arguments, so the two compare one configuration; the optimizer is built as the
+    training run builds it (`optim.build_optimizer`). GPU only (RuntimeError on a CPU), one GPU, no sharding."""
     import torch
     from transformers import GPT2LMHeadModel
 
     from .model import CausalLMWithLoss, enable_activation_checkpointing
+    from .optim import build_optimizer
 
     if not torch.cuda.is_available():
         raise RuntimeError("measure_peak_memory needs a CUDA GPU (torch.cuda.max_memory_allocated)")
-    cfg = resolve_config(config)
-    cfg = GPT2Config(**{**cfg.to_dict(), "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0})
-    cfg._attn_implementation = attn_impl
-    seq_len = seq_len or cfg.n_positions
+    plan = _plan_settings(*plan_args, **plan_settings)
+    if plan["zero_stage"] or plan["fsdp"] or plan["num_gpus"] != 1:
+        raise ValueError(
+            "measure_peak_memory measures one GPU without sharding: leave zero_stage, fsdp and num_gpus "
+            "at their defaults"
+        )
+    cfg = resolve_config(plan["config"])
+    dropout = plan["dropout"]
+    cfg = GPT2Config(
+        **{**cfg.to_dict(), "resid_pdrop": dropout, "embd_pdrop": dropout, "attn_pdrop": dropout}
+    )
+    cfg._attn_implementation = plan["attn_implementation"]
+    block_size = plan["block_size"] or cfg.n_positions
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     lm = GPT2LMHeadModel(cfg).cuda()
-    if gradient_checkpointing:
+    if plan["gradient_checkpointing"]:
         enable_activation_checkpointing(lm)
     lm.config.use_cache = False
-    model = CausalLMWithLoss(lm, loss_impl)
-    opt = _norm_optimizer(optimizer)
-    if opt == "adamw_8bit":
-        import bitsandbytes as bnb
-
-        optim = bnb.optim.AdamW8bit(model.parameters(), lr=1e-4)
-    elif opt in ("muon", "sgd"):
-        from types import SimpleNamespace
-
-        from .optim import build_optimizer
-
-        settings = dict(
-            learning_rate=1e-4, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8
-        )
-        optim = build_optimizer(model, SimpleNamespace(optim=opt, optim_args=None, **settings))
-    else:
-        optim = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=(opt == "adamw_fused") or None)
+    model = CausalLMWithLoss(lm, plan["loss_impl"])
+    # the training run's optimizer for this --optim (the values do not change its memory)
+    settings = dict(learning_rate=1e-4, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8)
+    optim_name = _OPTIM_NAME.get(plan["optim"], plan["optim"])
+    optimizer = build_optimizer(model, SimpleNamespace(optim=optim_name, optim_args=None, **settings))
     step_model = torch.compile(model) if compile else model
+    precision = plan["precision"]
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
-    x = torch.randint(0, cfg.vocab_size, (micro_batch, seq_len), device="cuda")
+    x = torch.randint(0, cfg.vocab_size, (plan["per_device_train_batch_size"], block_size), device="cuda")
     for _ in range(steps):
-        with torch.autocast("cuda", dtype=dtype, enabled=precision != "fp32"):
-            loss = step_model(x)
-        loss.backward()
-        optim.step()
-        optim.zero_grad(set_to_none=True)
+        for _ in range(plan["gradient_accumulation_steps"]):
+            with torch.autocast("cuda", dtype=dtype, enabled=precision != "fp32"):
+                loss = step_model(x)
+            loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
-    del model, step_model, lm, optim, x, loss
+    del model, step_model, lm, optimizer, x, loss
     torch.cuda.empty_cache()
     return {"peak_allocated": peak, "peak_allocated_gib": peak / GIB}
 
@@ -578,27 +592,28 @@ def measure_peak_memory(
 # -- command line ---------------------------------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="train.py plan", description="Predict per-GPU memory and advise how to fit."
+        prog="train.py plan",
+        description="Predict per-GPU memory and advise how to fit. The settings are the training settings' "
+        "(--micro_batch, --seq_len and --grad_accum are older spellings of the first three).",
     )
     p.add_argument("--preset", default="gpt2-small", choices=list(PRESETS))
-    p.add_argument("--micro_batch", "--per_device_train_batch_size", dest="micro_batch", type=int, default=16)
+    p.add_argument("--per_device_train_batch_size", "--micro_batch", type=int, default=16)
     p.add_argument(
-        "--seq_len",
         "--block_size",
-        dest="seq_len",
+        "--seq_len",
         type=int,
         default=None,
         help="Tokens per sequence (default: the preset's n_positions).",
     )
-    p.add_argument("--grad_accum", "--gradient_accumulation_steps", dest="grad_accum", type=int, default=1)
+    p.add_argument("--gradient_accumulation_steps", "--grad_accum", type=int, default=1)
     p.add_argument("--precision", default="bf16", choices=list(DTYPE_BYTES))
     p.add_argument("--gradient_checkpointing", action="store_true")
-    p.add_argument("--optim", default="adamw", choices=list(OPTIMIZERS))
+    p.add_argument("--optim", default="adamw_torch", choices=list(OPTIMIZER_KINDS))
     p.add_argument("--zero_stage", type=int, default=0, choices=[0, 1, 2, 3])
     p.add_argument("--fsdp", action="store_true")
     p.add_argument("--num_gpus", type=int, default=1)
     p.add_argument("--loss_impl", default="chunked", choices=["chunked", "hf"])
-    p.add_argument("--attn_implementation", dest="attn_impl", default="sdpa", choices=["sdpa", "eager"])
+    p.add_argument("--attn_implementation", default="sdpa", choices=["sdpa", "eager"])
     p.add_argument(
         "--vocab_size", type=int, default=None, help="Tokenizer size (default GPT-2's 50257, padded)."
     )
@@ -609,35 +624,23 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    a = _parser().parse_args(argv)
-    config = resolve_config(a.preset, a.vocab_size) if a.vocab_size else a.preset
-    kw = dict(
-        config=config,
-        micro_batch=a.micro_batch,
-        seq_len=a.seq_len,
-        precision=a.precision,
-        gradient_checkpointing=a.gradient_checkpointing,
-        optimizer=a.optim,
-        zero_stage=a.zero_stage,
-        fsdp=a.fsdp,
-        num_gpus=a.num_gpus,
-        loss_impl=a.loss_impl,
-        grad_accum=a.grad_accum,
-        attn_impl=a.attn_impl,
-    )
+    a = vars(_parser().parse_args(argv))
+    preset, vocab_size, gpu_memory_gib = a.pop("preset"), a.pop("vocab_size"), a.pop("gpu_memory_gib")
+    config = resolve_config(preset, vocab_size) if vocab_size else preset
+    kw = dict(config=config, **a)
     try:
         plan = plan_memory(**kw)
-        if a.gpu_memory_gib is not None and a.gpu_memory_gib <= 0:
-            raise ValueError(f"gpu_memory_gib must be > 0, got {a.gpu_memory_gib}")
+        if gpu_memory_gib is not None and gpu_memory_gib <= 0:
+            raise ValueError(f"gpu_memory_gib must be > 0, got {gpu_memory_gib}")
     except ValueError as exc:
         # a one-line error with exit status 2, as for every other bad setting of train.py
         raise ConfigError(f"train.py plan: {exc}") from exc
     if isinstance(config, GPT2Config):
-        plan = replace(plan, model=a.preset)
+        plan = replace(plan, model=preset)
     print(plan.table())
     result = {"plan": plan.as_dict()}
-    if a.gpu_memory_gib is not None:
-        adv = advise(**kw, gpu_memory_gib=a.gpu_memory_gib)
+    if gpu_memory_gib is not None:
+        adv = advise(**kw, gpu_memory_gib=gpu_memory_gib)
         print("\n" + adv.text())
         result["advice"] = {
             "fits_as_is": adv.fits_as_is,
