@@ -324,7 +324,7 @@ def test_all_configuration_errors_are_reported_at_once_before_any_work(tmp_path,
         raise AssertionError("work started before the settings were validated")
 
     monkeypatch.setattr(trainer, "build_model", forbidden)
-    monkeypatch.setattr(trainer, "resolve_tokenizer", forbidden)
+    monkeypatch.setattr(trainer, "RunData", forbidden)
     out = tmp_path / "run"
     rc = run(
         tiny_args(

@@ -487,7 +487,9 @@ def validate(cfg: Config, *, cuda_available: bool, bf16_ok: bool) -> None:
         problems.append(
             "overwrite_output_dir needs --resume never (otherwise the run would resume, not restart)"
         )
-    if d.dataset != "builtin" and _looks_local(d.dataset) and not _glob_matches(d.dataset):
+    from .data.sources import parse_source
+
+    if parse_source(d.dataset).kind == "files" and not _glob_matches(d.dataset):
         problems.append(f"dataset path {d.dataset!r} does not exist: check the path or glob")
     # lr_scheduler_kwargs the schedule would only refuse once training is set up
     from .optim import scheduler_problems
@@ -504,12 +506,6 @@ def validate(cfg: Config, *, cuda_available: bool, bf16_ok: bool) -> None:
 def _divisor_near(n: int, target: int) -> int:
     divisors = [k for k in range(1, n + 1) if n % k == 0]
     return min(divisors, key=lambda k: (abs(k - target), k))
-
-
-def _looks_local(spec: str) -> bool:
-    if spec in ("builtin", "openwebtext"):
-        return False
-    return ":" not in spec.split("/")[0] or spec.startswith("file://")
 
 
 def _glob_matches(spec: str) -> bool:

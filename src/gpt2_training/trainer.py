@@ -37,7 +37,7 @@ from . import checkpoint as ckpt
 from . import export, outdir, progress
 from .backends import make_backend
 from .config import Config, model_shape, validate
-from .data import resolve_tokenizer, train_stream, validation_sequences
+from .data import RunData
 from .errors import ConfigError, DataUnavailable, GPT2TrainingError, TrainingStopped
 from .hardware import describe as describe_hardware
 from .hub import check_push_to_hub, push_folder
@@ -274,14 +274,16 @@ class Engine:
         self.resume_path = self._prepare_output_dir()
         self._seed(t.seed)
         data_seed = t.data_seed if t.data_seed is not None else t.seed
+        # the one data object of the run: the source is opened once, when something first needs it
+        self.data = RunData(cfg.data, data_seed, tokenizer_seed=t.seed)
         with (
             self.acc.main_process_first()
         ):  # one process builds the corpus/tokenizer caches, the others reuse
-            self.tokenizer = resolve_tokenizer(cfg.data, seed=t.seed)
+            self.tokenizer = self.data.tokenizer
         vocab = len(self.tokenizer)
         # num_train_epochs becomes a step count here, before the schedule is built from it.
         t.max_steps, self.steps_note = resolve_max_steps(
-            cfg, self.tokenizer, self.acc.num_processes, self.epochs_set
+            cfg, self.data, self.acc.num_processes, self.epochs_set
         )
         self.lm = build_model(cfg.model, vocab, self.tokenizer.eos_token_id)
         if self.lm.config.vocab_size < vocab:
@@ -310,10 +312,8 @@ class Engine:
             except RuntimeError as exc:  # an unknown mode or backend, named by torch
                 raise ConfigError(f"--torch_compile_mode / --torch_compile_backend: {exc}") from exc
         self.scheduler = build_scheduler(self.backend.schedule_optimizer, t)
-        self.train_data = train_stream(
-            cfg.data, self.tokenizer, data_seed, self.rank, self.world, num_workers=t.dataloader_num_workers
-        )
-        self.val_seqs = validation_sequences(cfg.data, self.tokenizer, data_seed)
+        self.train_data = self.data.train_stream(self.rank, self.world, num_workers=t.dataloader_num_workers)
+        self.val_seqs = self.data.validation_sequences()
         if self.is_main and cfg.run.write_heldout:
             texts = self.tokenizer.batch_decode(self.val_seqs, clean_up_tokenization_spaces=False)
             export.write_heldout(cfg.run.write_heldout, texts)
