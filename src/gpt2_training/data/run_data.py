@@ -98,19 +98,9 @@ class RunData:
             return ShardStream(
                 a.shards_dir, "train", a.block_size, seed=self.seed, rank=rank, world_size=world_size
             )
-        stream = TokenStream(
-            self._reader(a.shuffle_shards, self.seed),
-            self.tokenizer,
-            a.block_size,
-            split="train",
-            validation_per_mille=a.validation_per_mille,
-            shuffle_buffer=a.shuffle_buffer,
-            seed=self.seed,
-            rank=rank,
-            world_size=world_size,
-            num_workers=num_workers,
-            held_out=self.held_out,
-        )
+        reader = self._reader(a.shuffle_shards, self.seed)
+        options = {"shuffle_buffer": a.shuffle_buffer, "seed": self.seed, "num_workers": num_workers}
+        stream = self._token_stream(reader, "train", rank=rank, world_size=world_size, **options)
         if rank == 0 and not stream.held_out.by_document:
             print(f"data: {stream.held_out.note()}", flush=True)
         return stream
@@ -120,14 +110,19 @@ class RunData:
         a = self.args
         if a.shards_dir:
             return ShardStream(a.shards_dir, split, a.block_size, shuffle=False, loop=False)
+        return self._token_stream(self._reader(False, self.seed), split, loop=False)
+
+    def _token_stream(self, reader: DocumentSource, split: str, **options: Any) -> TokenStream:
+        """A stream of `split` sequences over `reader`, cut by the run's held-out split."""
+        a = self.args
         return TokenStream(
-            self._reader(False, self.seed),
+            reader,
             self.tokenizer,
             a.block_size,
             split=split,
             validation_per_mille=a.validation_per_mille,
-            loop=False,
             held_out=self.held_out,
+            **options,
         )
 
     def validation_sequences(self) -> np.ndarray:
