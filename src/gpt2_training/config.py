@@ -489,7 +489,8 @@ def validate(cfg: Config, *, cuda_available: bool, bf16_ok: bool) -> None:
         )
     from .data.sources import parse_source
 
-    if parse_source(d.dataset).kind == "files" and not _glob_matches(d.dataset):
+    source = parse_source(d.dataset)
+    if source.kind == "files" and not _glob_matches(source.local_path):
         problems.append(f"dataset path {d.dataset!r} does not exist: check the path or glob")
     # lr_scheduler_kwargs the schedule would only refuse once training is set up
     from .optim import scheduler_problems
@@ -508,10 +509,9 @@ def _divisor_near(n: int, target: int) -> int:
     return min(divisors, key=lambda k: (abs(k - target), k))
 
 
-def _glob_matches(spec: str) -> bool:
+def _glob_matches(path: str) -> bool:
     import glob
 
-    path = spec.removeprefix("file://")
     if os.path.exists(path) or not glob.has_magic(path):
         return os.path.exists(path)
     # only the folder a pattern starts from: glob's own `**` follows link loops without end (two loops hung
