@@ -163,3 +163,16 @@ def test_epochs_over_a_streamed_source_are_refused_before_it_is_opened(spec, ope
     with pytest.raises(ConfigError, match="is streamed: set --max_steps"):
         RunData(DataArguments(dataset=spec), seed=0, tokenizer=object()).count_train_sequences()
     assert opened == []
+
+
+def test_prepare_opens_its_source_once(tmp_path, opened, monkeypatch):
+    """`train.py prepare` trains its tokenizer on the source it then tokenizes: one opening (before: two)."""
+    from gpt2_training.cli import prepare_main
+
+    monkeypatch.setenv("GPT2_TRAINING_CACHE", str(tmp_path / "cache"))
+    corpus = _corpus(tmp_path)
+    args = ["--dataset", str(corpus), "--tokenizer", "train", "--tokenizer_vocab_size", "300"]
+    meta = prepare_main([*args, "--out", str(tmp_path / "shards")])
+    # 60 documents are too few for a document-level split at 50 per mille: each gives its head and its tail
+    assert meta["documents"] == {"train": 60, "validation": 60}
+    assert len(opened) == 1, opened
