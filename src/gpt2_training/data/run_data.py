@@ -57,6 +57,7 @@ class RunData:
         self.args, self.seed = args, seed
         self.tokenizer_seed = seed if tokenizer_seed is None else tokenizer_seed
         if tokenizer is not None:
+            # stored where the cached property keeps its value, so it is never resolved
             self.tokenizer = tokenizer
 
     @cached_property
