@@ -142,8 +142,8 @@ def bench_tokenize(tok, docs: list[str], rounds: int = 3) -> dict:
 
 
 def bench_stream(tok, folder: Path) -> list[dict]:
+    from gpt2_training.data.opening import open_source
     from gpt2_training.data.pipeline import TokenStream
-    from gpt2_training.data.sources import open_source
 
     rows = []
     for workers, backend in ((0, "process"), (1, "process"), (2, "process"), (2, "thread")):
@@ -193,8 +193,8 @@ def bench_prepare(tok, folder: Path, tmp: Path, rounds: int = 2) -> list[dict]:
     """`prepare_shards` over the same files: the default (tiktoken, one thread per process) with num_proc 1 and
     2, and the Rust tokenizer with its own threads in one process, one thread, and num_proc 2; interleaved,
     best of `rounds`. The bytes written are compared between all of them."""
+    from gpt2_training.data.opening import open_source
     from gpt2_training.data.shards import prepare_shards
-    from gpt2_training.data.sources import open_source
 
     options = {"spec": str(folder), "shuffle": False}
     runs = [

@@ -214,8 +214,8 @@ def test_ranks_see_disjoint_data(ddp, shards):
 
 def test_token_stream_assigns_each_document_to_one_rank(tmp_path):
     """TokenStream (the streaming path): documents are split between ranks by index modulo world size."""
+    from gpt2_training.data.opening import open_source
     from gpt2_training.data.pipeline import TokenStream
-    from gpt2_training.data.sources import open_source
 
     class WordTokenizer:  # one token per word; enough to see which document a token came from
         eos_token_id = 0

@@ -11,7 +11,7 @@ from conftest import tiny_args
 
 from gpt2_training import checkpoint as ckpt
 from gpt2_training.data.fingerprint import END_BLOCK, content_changes, file_fingerprint
-from gpt2_training.data.sources import open_source
+from gpt2_training.data.opening import open_source
 
 WORDS = "the quick brown fox jumps over the lazy dog while a small model learns to predict text".split()
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gpt2_training.data.opening import open_source
 from gpt2_training.data.pipeline import TokenStream, is_validation
 from gpt2_training.data.shards import ShardStream, prepare_shards
-from gpt2_training.data.sources import open_source
 from gpt2_training.data.tokenizer import train_bpe_tokenizer
 from gpt2_training.errors import DataError
 

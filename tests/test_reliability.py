@@ -317,14 +317,14 @@ def test_resume_refuses_changed_shape_tokenizer_length_or_batch(tmp_path, env, c
 def test_all_configuration_errors_are_reported_at_once_before_any_work(tmp_path, env, monkeypatch, capsys):
     """Several bad settings at once: every problem is listed (one line each, exit status 2) before any
     tokenizer, download or model build, and no output_dir is created."""
-    import gpt2_training.trainer as trainer
+    import gpt2_training.parts as parts
     from gpt2_training.cli import run
 
     def forbidden(*a, **k):
         raise AssertionError("work started before the settings were validated")
 
-    monkeypatch.setattr(trainer, "build_for_training", forbidden)
-    monkeypatch.setattr(trainer, "resolve_tokenizer", forbidden)
+    monkeypatch.setattr(parts, "build_for_training", forbidden)
+    monkeypatch.setattr(parts, "RunData", forbidden)
     out = tmp_path / "run"
     rc = run(
         tiny_args(
@@ -627,8 +627,8 @@ def test_resume_cost_does_not_grow_with_the_data_already_consumed(tmp_path, env,
     about the same time) whether the state was saved after 5 sequences or after most of a 2 MB file: the
     stream seeks to its saved position instead of replaying what was consumed."""
     from gpt2_training.data import load_tokenizer
+    from gpt2_training.data.opening import open_source
     from gpt2_training.data.pipeline import TokenStream
-    from gpt2_training.data.sources import open_source
 
     corpus = _write_corpus(tmp_path / "data.jsonl", 5000)
     tokenizer = load_tokenizer(str(_cached_tokenizer(shared_cache)))

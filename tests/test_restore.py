@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from gpt2_training.data import restore_stream
+from gpt2_training.data.opening import open_source
 from gpt2_training.data.pipeline import TokenStream
 from gpt2_training.data.shards import ShardStream, prepare_shards
-from gpt2_training.data.sources import open_source
 from gpt2_training.data.tokenizer import train_bpe_tokenizer
 from gpt2_training.errors import DataError
 

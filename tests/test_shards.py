@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from conftest import TRAIN_PY
 
+from gpt2_training.data.opening import open_source
 from gpt2_training.data.pipeline import TokenStream
 from gpt2_training.data.shards import prepare_shards, usable_cores
-from gpt2_training.data.sources import open_source
 from gpt2_training.data.tokenizer import train_bpe_tokenizer
 from gpt2_training.errors import DataError
 

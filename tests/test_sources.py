@@ -21,13 +21,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from gpt2_training.data.opening import open_source
 from gpt2_training.data.sources import (
     DEEPLAKE_CHUNK_ROWS,
     OPENWEBTEXT_HUB_NAME,
     BuiltinSource,
     DocumentSource,
     Piece,
-    open_source,
 )
 from gpt2_training.errors import DataError
 
@@ -408,7 +408,7 @@ def test_non_utf8_warning_is_one_plain_line_without_a_source_line(tmp_path: Path
     bad.write_bytes(b"caf\xe9 au lait")
     code = (
         "import sys\n"
-        "from gpt2_training.data.sources import open_source\n"
+        "from gpt2_training.data.opening import open_source\n"
         "source = open_source(sys.argv[1])\n"
         "print(sum(len(p.text) for p in source.pieces()))\n"
     )

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from test_reliability import _bit_exact
 
+from gpt2_training.data.opening import open_source
 from gpt2_training.data.pipeline import TokenStream
-from gpt2_training.data.sources import open_source
 from gpt2_training.data.tokenizer import tiktoken_encoding, train_bpe_tokenizer
 from gpt2_training.data.workers import Encoder, _WorkerProcess
 from gpt2_training.errors import DataError

@@ -133,11 +133,10 @@ def _cuda() -> bool:
 def _refuse_out_inside_source(dataset: str, out: str) -> None:
     """A local source folder is searched recursively, so shards (and the unfinished work beside them) written
     inside it would be read back as documents by the processes that reopen the source."""
-    kind, _, rest = dataset.partition(":")
-    local = {"hf-json": rest, "hf-parquet": rest, "hf-text": rest, "deeplake": rest, "file": rest[2:]}
-    folder = Path(local.get(kind, dataset))
-    folder = folder.expanduser().resolve()
-    if folder.is_dir() and Path(out).expanduser().resolve().is_relative_to(folder):
+    from .data.sources import local_root
+
+    folder = local_root(dataset)
+    if folder is not None and folder.is_dir() and Path(out).expanduser().resolve().is_relative_to(folder):
         raise ConfigError(
             f"--out {out} is inside the dataset folder {folder}, where the shards would be read as data: "
             f"choose an --out outside it, e.g. --out {folder.parent / (folder.name + '-shards')}"
@@ -157,7 +156,7 @@ def prepare_main(argv: list[str]) -> dict:
         help="Processes that tokenize in parallel (capped at the usable cores); the output is the same for any.",
     )
     data, rest = p.parse_args_into_dataclasses(args=argv)
-    from .data import resolve_tokenizer, source_from_args, source_options
+    from .data import RunData, source_options
     from .data.shards import prepare_shards
     from .data.tokenizer import save_tokenizer
 
@@ -174,10 +173,11 @@ def prepare_main(argv: list[str]) -> dict:
             f"--out {rest.out} already exists and is not an empty folder: the shards need a folder of their own; "
             f"choose a new one, e.g. --out {out.parent / (out.name + '-shards')}"
         )
-    tokenizer = resolve_tokenizer(data, seed=rest.seed)
-    src = source_from_args(data, rest.seed)
+    # one opening of the source serves the tokenizer and the shards
+    run_data = RunData(data, rest.seed)
+    tokenizer = run_data.tokenizer
     meta = prepare_shards(
-        src,
+        run_data.source,
         tokenizer,
         rest.out,
         validation_per_mille=data.validation_per_mille,

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .config import Config, model_shape
-from .data.sources import OPENWEBTEXT_HUB_NAME, OPENWEBTEXT_REVISION
+from .data.sources import parse_source
 from .data.tokenizer import save_tokenizer
 from .errors import CheckpointError, ConfigError, disk_full
 
@@ -93,13 +93,10 @@ class RunFacts:
 
 def hub_dataset(spec: str) -> tuple[str, str | None, str | None] | None:
     """(repository, configuration, revision) of a Hub dataset source, or None for any other corpus."""
-    if spec == "openwebtext":
-        return OPENWEBTEXT_HUB_NAME, None, OPENWEBTEXT_REVISION
-    kind, _, rest = spec.partition(":")
-    if kind != "hf" or not rest:
+    name = parse_source(spec)
+    if name.kind != "hub" or not name.location:
         return None
-    repo, _, config = rest.partition(":")
-    return repo, config or None, None
+    return name.location, name.config, name.revision
 
 
 def _is_hub_model(name: str) -> bool:

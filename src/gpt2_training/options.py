@@ -42,6 +42,7 @@ from .config import (
     RunArguments,
     model_shape,
 )
+from .data.sources import parse_source
 from .errors import ConfigError
 from .optim import scheduler_problems
 
@@ -573,7 +574,8 @@ def validate(cfg: Config, *, cuda_available: bool, bf16_ok: bool) -> None:
         problems.append(
             "overwrite_output_dir needs --resume never (otherwise the run would resume, not restart)"
         )
-    if d.dataset != "builtin" and _looks_local(d.dataset) and not _glob_matches(d.dataset):
+    source = parse_source(d.dataset)
+    if source.kind == "files" and not _glob_matches(source.local_path):
         problems.append(f"dataset path {d.dataset!r} does not exist: check the path or glob")
     # lr_scheduler_kwargs the schedule would only refuse once training is set up
     problems += scheduler_problems(t)
@@ -588,16 +590,9 @@ def _divisor_near(n: int, target: int) -> int:
     return min(divisors, key=lambda k: (abs(k - target), k))
 
 
-def _looks_local(spec: str) -> bool:
-    if spec in ("builtin", "openwebtext"):
-        return False
-    return ":" not in spec.split("/")[0] or spec.startswith("file://")
-
-
-def _glob_matches(spec: str) -> bool:
+def _glob_matches(path: str) -> bool:
     import glob
 
-    path = spec.removeprefix("file://")
     if os.path.exists(path) or not glob.has_magic(path):
         return os.path.exists(path)
     # only the folder a pattern starts from: glob's own `**` follows link loops without end (two loops hung

@@ -4,7 +4,6 @@ lock that keeps one run per folder. Nothing here deletes an entry the tool did n
 from __future__ import annotations
 
 import fcntl
-import glob
 import json
 import os
 import re
@@ -13,6 +12,7 @@ import socket
 import time
 from pathlib import Path
 
+from .data.sources import local_root
 from .errors import ConfigError
 
 # Written into every output folder the tool creates or first uses: it says whose folder this is.
@@ -42,27 +42,6 @@ def foreign_entries(folder: Path) -> list[str]:
     if not folder.is_dir():
         return []
     return sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir() if not own_entry(p.name))
-
-
-def local_root(spec: str | None) -> Path | None:
-    """The local file or folder a dataset / tokenizer / model setting names (the folder part of a glob), or None
-    for a built-in, Hub or remote source."""
-    if not spec or spec in ("builtin", "openwebtext"):
-        return None
-    kind, sep, rest = spec.partition(":")
-    if sep and kind in ("hf-json", "hf-parquet", "hf-text", "deeplake"):
-        spec = rest
-    elif spec.startswith("file://"):
-        spec = spec.removeprefix("file://")
-    elif "://" in spec or (sep and "/" not in kind):
-        return None
-    if glob.has_magic(spec):
-        # the fixed part of a pattern: the folder every match lies in
-        parts = Path(spec).parts
-        fixed = [p for p in parts[: next(i for i, p in enumerate(parts) if glob.has_magic(p))]]
-        spec = str(Path(*fixed)) if fixed else "."
-    path = Path(spec).expanduser()
-    return path.resolve() if path.exists() else None
 
 
 def refuse_unsafe(folder: str | Path, option: str, protected: dict[str, str | None] | None = None) -> None:

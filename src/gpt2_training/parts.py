@@ -19,7 +19,7 @@ from . import checkpoint as ckpt
 from . import export, outdir, rundir
 from .backends import make_backend
 from .config import Config
-from .data import resolve_tokenizer, train_stream, validation_sequences
+from .data import RunData
 from .errors import ConfigError, DataUnavailable
 from .evaluation import Evaluator
 from .hub import check_push_to_hub
@@ -82,11 +82,13 @@ class RunParts:
         np.random.seed(t.seed % (1 << 32))
         torch.manual_seed(t.seed)
         data_seed = t.data_seed if t.data_seed is not None else t.seed
+        # the one data object of the run: the source is opened once, when something first needs it
+        self.data = RunData(cfg.data, data_seed, tokenizer_seed=t.seed)
         # one process builds the corpus/tokenizer caches, the others reuse them
         with self.acc.main_process_first():
-            self.tokenizer = resolve_tokenizer(cfg.data, seed=t.seed)
+            self.tokenizer = self.data.tokenizer
         # num_train_epochs becomes a step count here, before the schedule is built from it
-        t.max_steps, self.steps_note = resolve_max_steps(cfg, self.tokenizer, self.world, self.epochs_set)
+        t.max_steps, self.steps_note = resolve_max_steps(cfg, self.data, self.world, self.epochs_set)
         self.lm = build_for_training(cfg.model, self.tokenizer, cfg.data.block_size, t).to(self.acc.device)
         self.n_params = sum(p.numel() for p in self.lm.parameters())
         # the backend replicates or shards the model, then builds the optimizer on what this process holds
@@ -100,10 +102,8 @@ class RunParts:
             except RuntimeError as exc:  # an unknown mode or backend, named by torch
                 raise ConfigError(f"--torch_compile_mode / --torch_compile_backend: {exc}") from exc
         self.scheduler = build_scheduler(self.backend.schedule_optimizer, t)
-        self.train_data = train_stream(
-            cfg.data, self.tokenizer, data_seed, self.rank, self.world, num_workers=t.dataloader_num_workers
-        )
-        self.val_seqs = validation_sequences(cfg.data, self.tokenizer, data_seed)
+        self.train_data = self.data.train_stream(self.rank, self.world, num_workers=t.dataloader_num_workers)
+        self.val_seqs = self.data.validation_sequences()
         if self.is_main and cfg.run.write_heldout:
             texts = self.tokenizer.batch_decode(self.val_seqs, clean_up_tokenization_spaces=False)
             export.write_heldout(cfg.run.write_heldout, texts)

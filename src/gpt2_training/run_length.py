@@ -9,45 +9,17 @@ from __future__ import annotations
 
 import math
 import time
+from typing import TYPE_CHECKING
 
 from .errors import ConfigError
 
-# Sources whose size is not known without reading a remote corpus end to end.
-REMOTE_PREFIXES = ("hf:", "hub://", "al://", "s3://", "gcs://", "gs://", "azure://")
+if TYPE_CHECKING:
+    from .data import RunData
 
 
-def count_train_sequences(data_args, tokenizer, seed: int) -> int:
-    """Training sequences of one pass over the corpus (one process, no shuffle): exact, by reading it once."""
-    from .data.shards import ShardStream
-
-    if data_args.shards_dir:
-        stream = ShardStream(data_args.shards_dir, "train", data_args.block_size, shuffle=False, loop=False)
-        windows = getattr(stream, "windows_per_shard", None)
-        if windows is not None:
-            return int(windows.sum())
-        return sum(1 for _ in stream)
-    spec = data_args.dataset
-    if spec == "openwebtext" or spec.startswith(REMOTE_PREFIXES):
-        raise ConfigError(
-            f"--num_train_epochs needs a corpus of known size, and {spec} is streamed: set --max_steps, or "
-            "tokenize it once with `train.py prepare --dataset ... --out DIR` and train with --shards_dir DIR"
-        )
-    from .data import source_from_args
-    from .data.pipeline import TokenStream
-
-    one_pass = TokenStream(
-        source_from_args(data_args, seed, shuffle=False),
-        tokenizer,
-        data_args.block_size,
-        split="train",
-        validation_per_mille=data_args.validation_per_mille,
-        loop=False,
-    )
-    return sum(1 for _ in one_pass)
-
-
-def resolve_max_steps(cfg, tokenizer, world_size: int, epochs_set: bool) -> tuple[int, str | None]:
-    """(steps, note): the run's optimizer steps and, when epochs decided them or were overridden, why."""
+def resolve_max_steps(cfg, data: RunData, world_size: int, epochs_set: bool) -> tuple[int, str | None]:
+    """(steps, note): the run's optimizer steps and, when epochs decided them or were overridden, why; `data`
+    counts the corpus's training sequences when epochs decide."""
     t = cfg.train
     if t.max_steps > 0:
         note = None
@@ -58,7 +30,7 @@ def resolve_max_steps(cfg, tokenizer, world_size: int, epochs_set: bool) -> tupl
             )
         return t.max_steps, note
     t0 = time.perf_counter()
-    sequences = count_train_sequences(cfg.data, tokenizer, t.data_seed if t.data_seed is not None else t.seed)
+    sequences = data.count_train_sequences()
     per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * world_size
     if sequences < per_step:
         raise ConfigError(

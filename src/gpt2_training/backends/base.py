@@ -6,14 +6,11 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from ..errors import CheckpointError
-
-if TYPE_CHECKING:
-    from .settings import BackendSettings
 
 
 def ensure_process_group(device: torch.device) -> None:
@@ -71,7 +68,9 @@ class Backend:
     #: weights are partitioned across processes: generating text on one process alone is impossible
     shards_weights = False
 
-    def __init__(self, settings: BackendSettings):
+    def __init__(self, settings: Any):
+        """`settings`: the run's `BackendSettings` (settings.py, which builds the backends and so imports this
+        module: hence no type import here)."""
         if settings.precision is None:
             raise ValueError("a backend is built for a resolved precision (bf16, fp16 or fp32), not 'auto'")
         self.settings, self.precision = settings, settings.precision

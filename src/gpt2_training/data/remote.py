@@ -25,11 +25,11 @@ from .sources import (
     DeepLakeSource,
     HuggingFaceSource,
     Position,
+    SourceName,
     _Segment,
     _ShardedSource,
 )
 
-REMOTE_SCHEMES = ("s3://", "http://", "https://")
 # segments (records) a read-ahead thread holds for its shard: bounds memory at a few MB of text per shard
 _QUEUE_RECORDS = 1024
 _HTTP_DENIED_ADVICE = "the server refuses this URL: check it, and any expiring signature or token in it"
@@ -54,15 +54,6 @@ class NetworkSettings:
         return min(self.backoff * 2 ** (attempt - 1), self.backoff_max)
 
 
-def is_remote(spec: str) -> bool:
-    """A source read over the network: ``s3://`` (DeepLake), ``deeplake:s3://...`` and ``hf-parquet:`` /
-    ``hf-json:`` followed by an ``s3://``, ``http://`` or ``https://`` URL or S3 glob."""
-    kind, _, rest = spec.partition(":")
-    if kind in ("deeplake", "hf-parquet", "hf-json"):
-        return rest.startswith(REMOTE_SCHEMES)
-    return spec.startswith("s3://")
-
-
 def redact(url: str) -> str:
     """The URL without user name, password or query (a signed URL's query is a credential)."""
     parts = urlsplit(url)
@@ -73,15 +64,14 @@ def redact(url: str) -> str:
 
 
 def open_remote(
-    spec: str, *, text_field: str, network: dict | None, shuffle: bool, seed: int, max_piece_chars: int
+    name: SourceName, *, text_field: str, network: dict | None, shuffle: bool, seed: int, max_piece_chars: int
 ) -> _ShardedSource:
-    """Open a remote source (see `is_remote`), retrying the opening itself under the same policy."""
+    """Open a remote source (`SourceName.remote`), retrying the opening itself under the same policy."""
     settings = NetworkSettings(**(network or {}))
     common = {"shuffle": shuffle, "seed": seed, "max_piece_chars": max_piece_chars}
-    kind, _, rest = spec.partition(":")
-    if kind in ("hf-parquet", "hf-json"):
-        return RemoteHuggingFaceSource(kind[3:], rest, text_field, settings, **common)
-    return RemoteDeepLakeSource(rest if kind == "deeplake" else spec, text_field, settings, **common)
+    if name.kind == "hf-files":
+        return RemoteHuggingFaceSource(name.format, name.location, text_field, settings, **common)
+    return RemoteDeepLakeSource(name.location, text_field, settings, **common)
 
 
 # -- what a failure means ----------------------------------------------------------------------------------

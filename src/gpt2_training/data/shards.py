@@ -100,7 +100,7 @@ class _UnitWriter:
 
     def __call__(self, job: dict) -> list[dict]:
         if self.source is None:
-            from .sources import open_source
+            from .opening import open_source
 
             self.source = open_source(**self.source_options)
         if job["kind"] == "shard":

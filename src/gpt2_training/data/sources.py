@@ -1,6 +1,7 @@
 """Data sources: one string names where training text comes from, and every source yields the same thing.
 
-`open_source(spec)` understands
+`parse_source(spec)` is the one reading of a source string (every module that needs to know what a string
+names asks it, and `local_root` the local folder it points into); `open_source(spec)` (opening.py) opens what it names:
 
 * ``builtin``: the built-in corpus (`gpt2_training.data.corpus.builtin_documents`);
 * local files, folders (searched recursively) and globs of ``.txt``, ``.jsonl``, ``.json`` and ``.parquet``;
@@ -17,6 +18,8 @@
   datasets (such as ``hub://activeloop/openwebtext``) are read through a TQL query, which deeplake 4 allows
   read-only and which reads the main branch only (convert the dataset to read another branch). Credentials
   come from the environment (``ACTIVELOOP_TOKEN``), never from arguments.
+
+Any other ``scheme://`` URL (``gs://``, a bare ``https://``) is refused with the forms that are read.
 
 Every source yields `Piece`s: a document's text, cut into pieces of at most ``max_piece_chars`` characters
 (``last`` marks the piece that ends a document), each with a JSON-serialisable position. A position is
@@ -35,6 +38,7 @@ names the file and the byte offset of the first bad byte. Training goes on: one 
 
 from __future__ import annotations
 
+import copy
 import glob
 import hashlib
 import json
@@ -69,8 +73,84 @@ OPENWEBTEXT_ALTERNATIVES = (
 )
 DEEPLAKE_CHUNK_ROWS = 1024  # shuffle granularity for DeepLake: big enough for sequential reads
 _DEEPLAKE_BATCH_ROWS = 256
-_REMOTE_DEEPLAKE = ("al://", "hub://")
 _TXT_MODES = ("file", "paragraph")
+# the source-name grammar (`parse_source`): prefixes and URL schemes
+_HF_FILE_PREFIXES = {"hf-json": "json", "hf-parquet": "parquet", "hf-text": "text"}
+_HF_SUFFIXES = {"json": (".jsonl", ".json"), "parquet": (".parquet",), "text": (".txt",)}
+NETWORK_SCHEMES = ("s3://", "http://", "https://")
+_HOSTED_DEEPLAKE = ("al://", "hub://")
+
+
+@dataclass(frozen=True)
+class SourceName:
+    """What a source string names (`parse_source`), before anything is opened."""
+
+    # builtin | hub | files | hf-files | deeplake | unsupported (a URL scheme no source reads)
+    kind: str
+    # the path, glob, URL or Hub repository, as `open_source` hands it to the reader
+    location: str
+    # hf-files: the `datasets` builder that reads them (json, parquet, text)
+    format: str | None = None
+    # hub: the dataset's configuration, None for the default one
+    config: str | None = None
+    # hub: the pinned revision (openwebtext), None for the default branch
+    revision: str | None = None
+
+    @property
+    def remote(self) -> bool:
+        """Read over the network with retries and read-ahead (`remote.py`)."""
+        if self.kind == "hf-files":
+            return self.format != "text" and self.location.startswith(NETWORK_SCHEMES)
+        return self.kind == "deeplake" and self.location.startswith(NETWORK_SCHEMES)
+
+    @property
+    def streamed(self) -> bool:
+        """Read over a network, so its size is not known without reading the whole corpus."""
+        return self.kind == "hub" or self.remote or self.location.startswith(_HOSTED_DEEPLAKE)
+
+    @property
+    def local_path(self) -> str | None:
+        """The local file, folder or glob it names (``file://`` removed), or None."""
+        if self.kind not in ("files", "hf-files", "deeplake"):
+            return None
+        if self.location.startswith("file://"):
+            return self.location.removeprefix("file://")
+        return None if "://" in self.location else self.location
+
+
+def parse_source(spec: str) -> SourceName:
+    """The one reading of a source string (the forms in the module docstring); it touches no file."""
+    if spec == "builtin":
+        return SourceName("builtin", spec)
+    if spec == "openwebtext":
+        return SourceName("hub", OPENWEBTEXT_HUB_NAME, revision=OPENWEBTEXT_REVISION)
+    prefix, colon, rest = spec.partition(":")
+    if colon and prefix == "hf":
+        repo, _, config = rest.partition(":")
+        return SourceName("hub", repo, config=config or None)
+    if colon and prefix in _HF_FILE_PREFIXES:
+        return SourceName("hf-files", rest, format=_HF_FILE_PREFIXES[prefix])
+    if colon and prefix == "deeplake":
+        return SourceName("deeplake", rest)
+    if spec.startswith(("s3://", *_HOSTED_DEEPLAKE)):
+        return SourceName("deeplake", spec)
+    if "://" in spec and not spec.startswith("file://") and "/" not in spec.split("://")[0]:
+        return SourceName("unsupported", spec)
+    return SourceName("files", spec)
+
+
+def local_root(spec: str | None) -> Path | None:
+    """The existing local file or folder a source (or tokenizer / model) setting names, the fixed folder of a
+    glob, resolved; None for a built-in, Hub or remote source and for a path that does not exist."""
+    path = parse_source(spec).local_path if spec else None
+    if path is None:
+        return None
+    if glob.has_magic(path):
+        parts = Path(path).parts
+        path = str(Path(*parts[: next(i for i, p in enumerate(parts) if glob.has_magic(p))]) or ".")
+    found = Path(path).expanduser()
+    return found.resolve() if found.exists() else None
+
 
 # (offset where the document starts, its text or None for a null value, offset after it, whether it ends there)
 _Segment = tuple[int, "str | None", int, bool]
@@ -118,6 +198,14 @@ class _ShardedSource(DocumentSource):
 
     @abstractmethod
     def _read(self, shard: int, offset: int) -> Iterator[_Segment]: ...
+
+    def reordered(self, shuffle: bool, seed: int) -> _ShardedSource:
+        """This opened source read in another shard order, with counts and warnings of its own: one opening
+        serves readers that each need their own order (a run's training stream, held-out set, tokenizer text)."""
+        view = copy.copy(self)
+        view.shuffle, view.seed = shuffle, seed
+        view.stats, view._warned = Counter(), set()
+        return view
 
     def shard_order(self, epoch: int) -> list[int]:
         order = list(range(self.num_shards))
@@ -479,67 +567,61 @@ class DeepLakeSource(_ShardedSource):
                 yield row, text or "", row + 1, True
 
 
-def open_source(
+def open_named(
     spec: str,
+    name: SourceName,
     *,
-    text_field: str = "text",
-    split: str = "train",
-    txt_mode: str = "file",
-    shuffle: bool = True,
-    seed: int = 0,
-    max_piece_chars: int = 1_000_000,
-    network: dict[str, Any] | None = None,
+    text_field: str,
+    split: str,
+    txt_mode: str,
+    shuffle: bool,
+    seed: int,
+    max_piece_chars: int,
 ) -> DocumentSource:
-    """Open the data source named by `spec` (see the module docstring for the accepted forms); `network`
-    holds `remote.NetworkSettings` fields for sources read over a network."""
+    """Open a source this module reads (all but the remote ones, which remote.py reads; `open_source` in
+    opening.py picks the reader); `name` is `parse_source(spec)`."""
     if txt_mode not in _TXT_MODES:
         raise ConfigError(f"txt_mode must be one of {', '.join(_TXT_MODES)}, got {txt_mode!r}")
     common = {"shuffle": shuffle, "seed": seed, "max_piece_chars": max_piece_chars}
-    from .remote import is_remote, open_remote
-
-    if is_remote(spec):
-        return open_remote(spec, text_field=text_field, network=network, **common)
-    if spec == "builtin":
+    if name.kind == "builtin":
         from gpt2_training.data.corpus import builtin_documents
 
         return BuiltinSource(builtin_documents(), **common)
-    revision = None
-    if spec == "openwebtext":
-        spec, revision = f"hf:{OPENWEBTEXT_HUB_NAME}", OPENWEBTEXT_REVISION
-    kind, _, rest = spec.partition(":")
-    if kind == "hf":
-        repo, _, config = rest.partition(":")
-        dataset = _load_hf(repo, config or None, None, split, revision)
-        content = {"Hub revision": revision or "the default branch"}
+    if name.kind == "hub":
+        where = name.location + (f":{name.config}" if name.config else "")
+        dataset = _load_hf(name.location, name.config, None, split, name.revision)
+        content = {"Hub revision": name.revision or "the default branch"}
         commit = _hub_commit(dataset)
         if commit is not None:
             content["Hub commit"] = commit
         return HuggingFaceSource(
-            f"Hugging Face dataset {rest} ({split})", dataset, text_field, **common, content=content
+            f"Hugging Face dataset {where} ({split})", dataset, text_field, **common, content=content
         )
-    if kind in ("hf-json", "hf-parquet", "hf-text"):
-        suffixes = {"hf-json": (".jsonl", ".json"), "hf-parquet": (".parquet",), "hf-text": (".txt",)}[kind]
-        files = _find_files(rest, suffixes)
+    if name.kind == "hf-files":
+        prefix = f"hf-{name.format}"
+        files = _find_files(name.location, _HF_SUFFIXES[name.format])
         options = (
-            {"sample_by": "document" if txt_mode == "file" else "paragraph"} if kind == "hf-text" else {}
+            {"sample_by": "document" if txt_mode == "file" else "paragraph"} if name.format == "text" else {}
         )
-        dataset = _load_hf(kind[3:], None, [str(f) for f in files], "train", None, **options)
+        dataset = _load_hf(name.format, None, [str(f) for f in files], "train", None, **options)
         return HuggingFaceSource(
-            _files_description(f"{kind} streaming", rest, files),
+            _files_description(f"{prefix} streaming", name.location, files),
             dataset,
             text_field,
             **common,
             content=files_fingerprint(files),
         )
-    if kind == "deeplake":
-        return _open_deeplake(rest, text_field, **common)
-    if spec.startswith(_REMOTE_DEEPLAKE):
-        return _open_deeplake(spec, text_field, **common)
-    if spec.startswith("file://"):
-        spec = spec.removeprefix("file://")
-    if _is_deeplake_folder(Path(spec)):
-        return _open_deeplake(spec, text_field, **common)
-    return LocalFileSource(spec, _find_files(spec, SUPPORTED_SUFFIXES), text_field, txt_mode, **common)
+    if name.kind == "deeplake":
+        return _open_deeplake(name.location, text_field, **common)
+    if name.kind == "unsupported":
+        raise DataError(
+            f"{spec!r}: no source reads this kind of URL; use s3:// or deeplake:URL for DeepLake, "
+            "hf-parquet:URL or hf-json:URL for files over S3 or HTTP(S), or a local path"
+        )
+    path = name.local_path
+    if _is_deeplake_folder(Path(path)):
+        return _open_deeplake(path, text_field, **common)
+    return LocalFileSource(path, _find_files(path, SUPPORTED_SUFFIXES), text_field, txt_mode, **common)
 
 
 def _find_files(spec: str, suffixes: tuple[str, ...]) -> list[Path]:
@@ -799,7 +881,7 @@ def _is_deeplake_folder(path: Path) -> bool:
 def _open_deeplake(url: str, text_field: str, **common: Any) -> DeepLakeSource:
     import deeplake
 
-    remote = url.startswith(_REMOTE_DEEPLAKE)
+    remote = url.startswith(_HOSTED_DEEPLAKE)
     if not remote and "://" not in url and not _is_deeplake_folder(Path(url)):
         raise DataError(f"no DeepLake dataset at {url!r}; check the path")
     try:
