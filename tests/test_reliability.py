@@ -671,7 +671,7 @@ def test_data_that_runs_out_on_resume_is_an_error_not_a_finished_run(tmp_path, e
     """If the data holds less than when the checkpoint was written (a jsonl file truncated after it), the
     resumed run stops with a DataError naming the problem and exit status 2; it never reports a finished
     training (no final/ model). The resume passes --allow_resume_changes: without it the content check refuses
-    the changed file before reading (tests/test_fingerprint.py)."""
+    the changed file before reading (tests/data/test_fingerprint.py)."""
     from gpt2_training.cli import main
 
     corpus = _write_corpus(tmp_path / "data.jsonl", 1500)  # ~600 K characters: read in more than one batch

@@ -5,7 +5,7 @@ deeplake 3.x and 4.x cannot share one environment, so this runs once in a throwa
     python3.11 -m venv /tmp/dl3venv && /tmp/dl3venv/bin/pip install 'deeplake<4'
     /tmp/dl3venv/bin/python tools/build_deeplake_v3_fixture.py
 
-The documents follow `fixture_document(i)` (tests/test_sources.py rebuilds the same list to compare); row 7
+The documents follow `fixture_document(i)` (tests/data/test_sources.py rebuilds the same list to compare); row 7
 is an empty string, which DeepLake stores as a missing value.
 """
 

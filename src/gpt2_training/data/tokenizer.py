@@ -187,7 +187,7 @@ def tiktoken_encoding(tokenizer_json: str):
     vocabulary, every longer token made by one merge with ids in merge order, and added tokens that are plain
     literals none of which contains another (both libraries cut those out of the text first). tiktoken then
     merges in the same order as `tokenizers`; it also takes a whole pre-tokenized word that is a token as it
-    is, which a BPE trained by merging reaches through its merges as well: tests/test_workers.py checks the
+    is, which a BPE trained by merging reaches through its merges as well: tests/data/test_workers.py checks the
     ids on real text, edge cases and the text of every token of the vocabulary. Text with lone surrogates (not valid
     Unicode) is the one known difference: tiktoken replaces them, the Rust tokenizer refuses the text."""
     spec = json.loads(tokenizer_json)

@@ -549,7 +549,7 @@ def test_activeloop_dataset_offline_fails_fast(spec: str) -> None:
 
 # ---------------------------------------------------------------- DeepLake version 3 (read-only query path)
 
-V3_FIXTURE = Path(__file__).parent / "fixtures" / "deeplake_v3"
+V3_FIXTURE = Path(__file__).parents[1] / "fixtures" / "deeplake_v3"
 
 
 def v3_document(i: int) -> str:

@@ -210,7 +210,7 @@ def _running(pid: int) -> bool:
 def test_a_worker_busy_with_a_long_job_exits_when_its_parent_is_killed(tmp_path):
     """SIGKILL the process that started a worker while the worker is inside a 60 s job: the worker exits within
     seconds instead of finishing the job (a killed `prepare` must not leave cores busy)."""
-    src = str(Path(__file__).resolve().parents[1] / "src")
+    src = str(Path(__file__).resolve().parents[2] / "src")
     parent_code = (
         f"import sys, time; sys.path.insert(0, {src!r})\n"
         "from gpt2_training.data.workers import _WorkerProcess\n"
