@@ -100,6 +100,7 @@ def aws(net, monkeypatch, env):
     for proxy in (net.s3_proxy, net.http_proxy):
         proxy.up()
         proxy.latency = 0.0
+        proxy.watch, proxy.most_waiting = b"", 0
         proxy.clear()
     sub = {k: v for k, v in env.items() if not k.startswith("AWS_")}
     return {**sub, **S3_KEYS, "AWS_ENDPOINT_URL": net.s3_proxy.url}
@@ -177,6 +178,19 @@ def test_remote_stream_equals_local_and_resumes_exactly(net, aws, tokenizer, nam
     restored = _stream(remote_spec, tokenizer)
     restored.load_state_dict(meta, arrays)
     assert _equal(_take(restored, 35), expected[25:])
+
+
+@pytest.mark.parametrize("prefetch", [0, 1, 2])
+def test_read_ahead_keeps_at_most_its_depth_of_reads_in_flight(net, aws, tokenizer, prefetch):
+    """--network_prefetch N reads up to N files at once, never more (0 and 1: one at a time), and the stream
+    is the same sequences as from local disk. With 0.3 s of latency per request, requests that wait at the
+    proxy at the same time were in flight together."""
+    local_spec, remote_spec, proxy = _pairs(net)["parquet-s3-glob"]
+    expected = _take(_stream(local_spec, tokenizer), 40)
+    proxy.latency, proxy.watch = 0.3, b"GET /corpus/big/parquet/part-"
+    got = _take(_stream(remote_spec, tokenizer, network_prefetch=prefetch), 40)
+    assert _equal(got, expected)
+    assert proxy.most_waiting == max(prefetch, 1)
 
 
 # -- 2. faults: retried, logged once each with the URL, nothing lost or repeated -------------------------------
