@@ -9,6 +9,7 @@ import random
 import re
 import signal
 import subprocess
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -24,7 +25,7 @@ from gpt2_training import checkpoint as ckpt
 from gpt2_training.cli import parse_config, prepare_main
 from gpt2_training.config import DataArguments, validate
 from gpt2_training.data import ShardStream, resolve_tokenizer, train_stream
-from gpt2_training.data.remote import NetworkSettings, reason, redact
+from gpt2_training.data.remote import NetworkSettings, open_remote, reason, redact
 from gpt2_training.errors import ConfigError, DataError, DataUnavailable
 
 pytest.importorskip("moto.server")
@@ -104,6 +105,15 @@ def aws(net, monkeypatch, env):
         proxy.clear()
     sub = {k: v for k, v in env.items() if not k.startswith("AWS_")}
     return {**sub, **S3_KEYS, "AWS_ENDPOINT_URL": net.s3_proxy.url}
+
+
+_COMMON = {"shuffle": True, "seed": 7, "max_piece_chars": 1 << 20}
+
+
+def _settings(**overrides) -> dict:
+    """`FAST` as `open_remote`'s network settings."""
+    settings = {k.removeprefix("network_"): v for k, v in FAST.items()}
+    return {**settings, **overrides}
 
 
 def _pairs(net) -> dict[str, tuple[str, str, FaultProxy]]:
@@ -191,6 +201,57 @@ def test_read_ahead_keeps_at_most_its_depth_of_reads_in_flight(net, aws, tokeniz
     got = _take(_stream(remote_spec, tokenizer, network_prefetch=prefetch), 40)
     assert _equal(got, expected)
     assert proxy.most_waiting == max(prefetch, 1)
+
+
+def _read_ahead_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "read-ahead"]
+
+
+def _settle(condition, seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return condition()
+
+
+def test_closing_the_pieces_ends_every_read_ahead_thread(net, aws):
+    """Pieces abandoned in the middle of a file with more records than a read-ahead queue holds: every
+    read-ahead thread ends, the one of the file being read included (it would wait for room forever)."""
+    folder = net.root / "many"
+    folder.mkdir(exist_ok=True)
+    (folder / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in _documents(3000, 3)))
+    url = f"hf-json:{net.http_proxy.url}/many/docs.jsonl"
+    source = open_remote(url, text_field="text", network=_settings(prefetch=2), **_COMMON)
+    before = set(_read_ahead_threads())
+    pieces = source.pieces(0)
+    next(pieces)
+    mine = [t for t in _read_ahead_threads() if t not in before]
+    assert mine
+    pieces.close()
+    assert _settle(lambda: not any(t.is_alive() for t in mine)), mine
+
+
+def test_a_read_that_fails_after_its_pieces_were_closed_is_not_retried(net, aws, capfd):
+    """The read-ahead of the second file stalls past the timeout; its pieces are closed meanwhile and the
+    server goes down: the failed read ends there, without a retry or a retry line."""
+    source = open_remote(
+        "hf-parquet:s3://corpus/big/parquet/*.parquet",
+        text_field="text",
+        network=_settings(prefetch=2),
+        **_COMMON,
+    )
+    second = source.shard_order(0)[1]
+    net.s3_proxy.inject(Fault("stall", seconds=2.0, match=f"GET /corpus/big/parquet/part-{second}.".encode()))
+    before = set(_read_ahead_threads())
+    pieces = source.pieces(0)
+    next(pieces)
+    mine = [t for t in _read_ahead_threads() if t not in before]
+    capfd.readouterr()
+    pieces.close()
+    net.s3_proxy.down()
+    assert _settle(lambda: not net.s3_proxy.pending())
+    assert _settle(lambda: not any(t.is_alive() for t in mine)), mine
+    assert "network: retry" not in capfd.readouterr().err
 
 
 # -- 2. faults: retried, logged once each with the URL, nothing lost or repeated -------------------------------
