@@ -88,7 +88,10 @@ def _stream_child(spec: str, prefetch: int, tokenizer_dir: str, sequences: int) 
     t0 = time.perf_counter()
     for _ in range(sequences):
         next(stream)
-    print(json.dumps({"tokens_per_s": sequences * BLOCK / (time.perf_counter() - t0)}))
+    print(json.dumps({"tokens_per_s": sequences * BLOCK / (time.perf_counter() - t0)}), flush=True)
+    # The stream is left open, its read-ahead threads possibly inside pyarrow's reader: Python 3.11 can abort
+    # while finalizing under such a daemon thread (PyGILState_Release), after the figure is out. Leave at once.
+    os._exit(0)
 
 
 def _stream_rate(spec: str, prefetch: int, tokenizer_dir: Path, sequences: int, env: dict) -> float:
