@@ -9,6 +9,7 @@ import random
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import replace
@@ -214,14 +215,19 @@ def _settle(condition, seconds: float = 10.0) -> bool:
     return condition()
 
 
+def _many_records(net) -> str:
+    """A JSON-lines file over HTTP with more records than a read-ahead queue holds."""
+    path = net.root / "many" / "docs.jsonl"
+    if not path.exists():
+        path.parent.mkdir()
+        path.write_text("".join(json.dumps({"text": t}) + "\n" for t in _documents(3000, 3)))
+    return f"hf-json:{net.http_proxy.url}/many/docs.jsonl"
+
+
 def test_closing_the_pieces_ends_every_read_ahead_thread(net, aws):
     """Pieces abandoned in the middle of a file with more records than a read-ahead queue holds: every
     read-ahead thread ends, the one of the file being read included (it would wait for room forever)."""
-    folder = net.root / "many"
-    folder.mkdir(exist_ok=True)
-    (folder / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in _documents(3000, 3)))
-    url = f"hf-json:{net.http_proxy.url}/many/docs.jsonl"
-    source = open_remote(url, text_field="text", network=_settings(prefetch=2), **_COMMON)
+    source = open_remote(_many_records(net), text_field="text", network=_settings(prefetch=2), **_COMMON)
     before = set(_read_ahead_threads())
     pieces = source.pieces(0)
     next(pieces)
@@ -229,6 +235,25 @@ def test_closing_the_pieces_ends_every_read_ahead_thread(net, aws):
     assert mine
     pieces.close()
     assert _settle(lambda: not any(t.is_alive() for t in mine)), mine
+
+
+def test_the_read_ahead_is_stopped_before_the_interpreter_exits(net, aws):
+    """A process that exits with pieces still open: its read-ahead threads are stopped and waited for before
+    Python finalizes (one left inside pyarrow's reader then can abort the interpreter)."""
+    code = f"""
+import atexit, threading
+# registered before the reader's own handler, so it runs after it (last in, first out)
+atexit.register(lambda: print("at exit:", sum(t.name == "read-ahead" for t in threading.enumerate())))
+from gpt2_training.data.remote import open_remote
+source = open_remote({_many_records(net)!r}, text_field="text", network={{"prefetch": 2}}, **{_COMMON!r})
+pieces = source.pieces(0)
+next(pieces)
+print("reading:", sum(t.name == "read-ahead" for t in threading.enumerate()), flush=True)
+"""
+    done = subprocess.run([sys.executable, "-c", code], env=aws, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"^reading: [1-9]", done.stdout, re.M), done.stdout
+    assert "at exit: 0" in done.stdout, done.stdout
 
 
 def test_a_read_that_fails_after_its_pieces_were_closed_is_not_retried(net, aws, capfd):

@@ -8,6 +8,7 @@ so a retry neither loses nor repeats a record; after `retries` failures in a row
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
 import queue
@@ -15,6 +16,7 @@ import re
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -199,6 +201,8 @@ class Retrying:
 
 # -- read-ahead ----------------------------------------------------------------------------------------------
 _END = object()
+# how long the interpreter's exit waits for read-ahead threads to finish the read they are in
+_EXIT_WAIT_S = 2.0
 
 
 class _ShardThread:
@@ -211,6 +215,7 @@ class _ShardThread:
         segments = read(self._stop)
         self._thread = threading.Thread(target=self._run, args=(segments,), name="read-ahead", daemon=True)
         self._thread.start()
+        _LIVE.add(self)
 
     def _run(self, segments: Iterator[_Segment]) -> None:
         try:
@@ -242,6 +247,25 @@ class _ShardThread:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+
+# the read-ahead threads of this process, for `_stop_all` (a finished one drops out with its last reference)
+_LIVE: weakref.WeakSet[_ShardThread] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all() -> None:
+    """At exit, stop every read-ahead thread and wait briefly for it: one left inside pyarrow's reader while
+    Python finalizes can abort the interpreter (PyGILState_Release) after the run itself succeeded."""
+    threads = list(_LIVE)
+    for thread in threads:
+        thread.stop()
+    deadline = time.monotonic() + _EXIT_WAIT_S
+    for thread in threads:
+        thread.join(max(deadline - time.monotonic(), 0.0))
 
 
 class ReadAhead:
