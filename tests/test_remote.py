@@ -23,9 +23,10 @@ from netservers import S3_KEYS, Fault, FaultProxy, HTTPFileServer, S3Server
 from test_reliability import _assert_same_weights
 
 from gpt2_training import checkpoint as ckpt
+from gpt2_training import data as data_package
 from gpt2_training.cli import parse_config, prepare_main
 from gpt2_training.config import DataArguments, validate
-from gpt2_training.data import ShardStream, open_source, resolve_tokenizer, train_stream
+from gpt2_training.data import ShardStream, resolve_tokenizer, train_stream
 from gpt2_training.data.remote import NetworkSettings, reason, redact
 from gpt2_training.errors import ConfigError, DataError, DataUnavailable
 
@@ -112,7 +113,7 @@ _COMMON = {"shuffle": True, "seed": 7, "max_piece_chars": 1 << 20}
 
 
 def _settings(**overrides) -> dict:
-    """`FAST` as `open_source`'s network settings."""
+    """`FAST` as `data_package.open_source`'s network settings."""
     settings = {k.removeprefix("network_"): v for k, v in FAST.items()}
     return {**settings, **overrides}
 
@@ -227,7 +228,9 @@ def _many_records(net) -> str:
 def test_closing_the_pieces_ends_every_read_ahead_thread(net, aws):
     """Pieces abandoned in the middle of a file with more records than a read-ahead queue holds: every
     read-ahead thread ends, the one of the file being read included (it would wait for room forever)."""
-    source = open_source(_many_records(net), text_field="text", network=_settings(prefetch=2), **_COMMON)
+    source = data_package.open_source(
+        _many_records(net), text_field="text", network=_settings(prefetch=2), **_COMMON
+    )
     before = set(_read_ahead_threads())
     pieces = source.pieces(0)
     next(pieces)
@@ -259,7 +262,7 @@ print("reading:", sum(t.name == "read-ahead" for t in threading.enumerate()), fl
 def test_a_read_that_fails_after_its_pieces_were_closed_is_not_retried(net, aws, capfd):
     """The read-ahead of the second file stalls past the timeout; its pieces are closed meanwhile and the
     server goes down: the failed read ends there, without a retry or a retry line."""
-    source = open_source(
+    source = data_package.open_source(
         "hf-parquet:s3://corpus/big/parquet/*.parquet",
         text_field="text",
         network=_settings(prefetch=2),
