@@ -140,11 +140,12 @@ def _markdown(result: dict) -> str:
     load = result["load_1min_all_runs"]
     lines = [
         f"## Training from S3 and HTTP with {result['latency_ms_per_request']:.0f} ms added to every request "
-        f"({m['cpu']}, {m['usable_cpus']} usable cores, no GPU, torch {m['torch']})",
+        f"({m['cpu']}, {m['usable_cpus']} usable cores, {m['gpu'] or 'no GPU'}, torch {m['torch']})",
         "",
         f"`{result['command']}`: {result['settings']}. {result['convention']} The machine is shared: the "
         f"1-minute load average before the runs went from {min(load):.1f} to {max(load):.1f} "
-        f"(median {_median(load):.1f}). Run at normal priority; other users' jobs ran under nice 19.",
+        f"(median {_median(load):.1f}). This ran at normal priority; other engineers' tests on the machine are "
+        "run under nice 19 by the project's rule.",
         "",
         "| input | read-ahead | training tokens/s (median) | runs | vs local | paired ratio (median) "
         "| wall s | stream alone tokens/s | vs local |",
