@@ -156,7 +156,9 @@ class FaultProxy:
     response) waits `latency` seconds before it is forwarded, and takes the next queued `Fault`, if any.
 
     `down()` makes every request fail (a 503, or a closed connection) until `up()`; `requests` counts requests
-    and `faults_done` the faults applied; `pending()` lists those not met yet."""
+    and `faults_done` the faults applied; `pending()` lists those not met yet. `most_waiting` is the largest
+    number of requests whose first line contains `watch` that waited out their latency at the same time (with a
+    latency much longer than the server's answer, the most such requests that were in flight together)."""
 
     def __init__(self, upstream: str, latency: float = 0.0) -> None:
         host, _, port = upstream.rpartition(":")
@@ -166,6 +168,9 @@ class FaultProxy:
         self.requests = 0
         self.faults_done = 0
         self._down: Fault | None = None
+        self.watch = b""
+        self.most_waiting = 0
+        self._waiting = 0
         self._lock = threading.Lock()
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
@@ -204,6 +209,19 @@ class FaultProxy:
                 return
             threading.Thread(target=self._serve, args=(client,), daemon=True).start()
 
+    def _wait(self, request: bytes) -> None:
+        watched = self.watch in request.split(b"\r\n", 1)[0]
+        if watched:
+            with self._lock:
+                self._waiting += 1
+                self.most_waiting = max(self.most_waiting, self._waiting)
+        try:
+            time.sleep(self.latency)
+        finally:
+            if watched:
+                with self._lock:
+                    self._waiting -= 1
+
     def _next_fault(self, request: bytes) -> Fault | None:
         first_line = request.split(b"\r\n", 1)[0]
         with self._lock:
@@ -224,7 +242,7 @@ class FaultProxy:
                 if not request:
                     return
                 if self.latency:
-                    time.sleep(self.latency)
+                    self._wait(request)
                 fault = self._next_fault(request)
                 if fault is not None and fault.kind == "status":
                     client.sendall(_status_response(fault.status, request))

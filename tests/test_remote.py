@@ -9,6 +9,8 @@ import random
 import re
 import signal
 import subprocess
+import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -21,6 +23,7 @@ from netservers import S3_KEYS, Fault, FaultProxy, HTTPFileServer, S3Server
 from test_reliability import _assert_same_weights
 
 from gpt2_training import checkpoint as ckpt
+from gpt2_training import data as data_package
 from gpt2_training.cli import parse_config, prepare_main
 from gpt2_training.config import DataArguments
 from gpt2_training.data import ShardStream, resolve_tokenizer, train_stream
@@ -101,9 +104,19 @@ def aws(net, monkeypatch, env):
     for proxy in (net.s3_proxy, net.http_proxy):
         proxy.up()
         proxy.latency = 0.0
+        proxy.watch, proxy.most_waiting = b"", 0
         proxy.clear()
     sub = {k: v for k, v in env.items() if not k.startswith("AWS_")}
     return {**sub, **S3_KEYS, "AWS_ENDPOINT_URL": net.s3_proxy.url}
+
+
+_COMMON = {"shuffle": True, "seed": 7, "max_piece_chars": 1 << 20}
+
+
+def _settings(**overrides) -> dict:
+    """`FAST` as `data_package.open_source`'s network settings."""
+    settings = {k.removeprefix("network_"): v for k, v in FAST.items()}
+    return {**settings, **overrides}
 
 
 def _pairs(net) -> dict[str, tuple[str, str, FaultProxy]]:
@@ -178,6 +191,96 @@ def test_remote_stream_equals_local_and_resumes_exactly(net, aws, tokenizer, nam
     restored = _stream(remote_spec, tokenizer)
     restored.load_state_dict(meta, arrays)
     assert _equal(_take(restored, 35), expected[25:])
+
+
+@pytest.mark.parametrize("prefetch", [0, 1, 2])
+def test_read_ahead_keeps_at_most_its_depth_of_reads_in_flight(net, aws, tokenizer, prefetch):
+    """--network_prefetch N reads up to N files at once, never more (0 and 1: one at a time), and the stream
+    is the same sequences as from local disk. With 0.3 s of latency per request, requests that wait at the
+    proxy at the same time were in flight together."""
+    local_spec, remote_spec, proxy = _pairs(net)["parquet-s3-glob"]
+    expected = _take(_stream(local_spec, tokenizer), 40)
+    proxy.latency, proxy.watch = 0.3, b"GET /corpus/big/parquet/part-"
+    got = _take(_stream(remote_spec, tokenizer, network_prefetch=prefetch), 40)
+    assert _equal(got, expected)
+    assert proxy.most_waiting == max(prefetch, 1)
+
+
+def _read_ahead_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "read-ahead"]
+
+
+def _settle(condition, seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return condition()
+
+
+def _many_records(net) -> str:
+    """A JSON-lines file over HTTP with more records than a read-ahead queue holds."""
+    path = net.root / "many" / "docs.jsonl"
+    if not path.exists():
+        path.parent.mkdir()
+        path.write_text("".join(json.dumps({"text": t}) + "\n" for t in _documents(3000, 3)))
+    return f"hf-json:{net.http_proxy.url}/many/docs.jsonl"
+
+
+def test_closing_the_pieces_ends_every_read_ahead_thread(net, aws):
+    """Pieces abandoned in the middle of a file with more records than a read-ahead queue holds: every
+    read-ahead thread ends, the one of the file being read included (it would wait for room forever)."""
+    source = data_package.open_source(
+        _many_records(net), text_field="text", network=_settings(prefetch=2), **_COMMON
+    )
+    before = set(_read_ahead_threads())
+    pieces = source.pieces(0)
+    next(pieces)
+    mine = [t for t in _read_ahead_threads() if t not in before]
+    assert mine
+    pieces.close()
+    assert _settle(lambda: not any(t.is_alive() for t in mine)), mine
+
+
+def test_the_read_ahead_is_stopped_before_the_interpreter_exits(net, aws):
+    """A process that exits with pieces still open: its read-ahead threads are stopped and waited for before
+    Python finalizes (one left inside pyarrow's reader then can abort the interpreter)."""
+    code = f"""
+import atexit, threading
+# registered before the reader's own handler, so it runs after it (last in, first out)
+atexit.register(lambda: print("at exit:", sum(t.name == "read-ahead" for t in threading.enumerate())))
+from gpt2_training.data import open_source
+source = open_source({_many_records(net)!r}, text_field="text", network={{"prefetch": 2}}, **{_COMMON!r})
+pieces = source.pieces(0)
+next(pieces)
+print("reading:", sum(t.name == "read-ahead" for t in threading.enumerate()), flush=True)
+"""
+    done = subprocess.run([sys.executable, "-c", code], env=aws, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"^reading: [1-9]", done.stdout, re.M), done.stdout
+    assert "at exit: 0" in done.stdout, done.stdout
+
+
+def test_a_read_that_fails_after_its_pieces_were_closed_is_not_retried(net, aws, capfd):
+    """The read-ahead of the second file stalls past the timeout; its pieces are closed meanwhile and the
+    server goes down: the failed read ends there, without a retry or a retry line."""
+    source = data_package.open_source(
+        "hf-parquet:s3://corpus/big/parquet/*.parquet",
+        text_field="text",
+        network=_settings(prefetch=2),
+        **_COMMON,
+    )
+    second = source.shard_order(0)[1]
+    net.s3_proxy.inject(Fault("stall", seconds=2.0, match=f"GET /corpus/big/parquet/part-{second}.".encode()))
+    before = set(_read_ahead_threads())
+    pieces = source.pieces(0)
+    next(pieces)
+    mine = [t for t in _read_ahead_threads() if t not in before]
+    capfd.readouterr()
+    pieces.close()
+    net.s3_proxy.down()
+    assert _settle(lambda: not net.s3_proxy.pending())
+    assert _settle(lambda: not any(t.is_alive() for t in mine)), mine
+    assert "network: retry" not in capfd.readouterr().err
 
 
 # -- 2. faults: retried, logged once each with the URL, nothing lost or repeated -------------------------------

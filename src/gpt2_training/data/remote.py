@@ -8,12 +8,15 @@ so a retry neither loses nor repeats a record; after `retries` failures in a row
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
 import queue
 import re
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -114,10 +117,17 @@ def _denied(error: BaseException) -> bool:
 
 class Retrying:
     """Runs network operations on one URL under `NetworkSettings`: logs each retry once, fails fast on a
-    refusal (401/403), raises `DataUnavailable` (or `DataError` while opening) when the budget is spent."""
+    refusal (401/403), raises `DataUnavailable` (or `DataError` while opening) when the budget is spent.
+    Once `stop` is set (the read-ahead whose read this is was closed), a failed read ends without a retry."""
 
-    def __init__(self, url: str, settings: NetworkSettings, log: Callable[[str], None] | None = None):
-        self.url, self.settings = url, settings
+    def __init__(
+        self,
+        url: str,
+        settings: NetworkSettings,
+        log: Callable[[str], None] | None = None,
+        stop: threading.Event | None = None,
+    ):
+        self.url, self.settings, self.stop = url, settings, stop
         self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
 
     def failed(self, error: Exception, attempt: int, since: float, opening: bool) -> float:
@@ -166,24 +176,36 @@ class Retrying:
                     offset, attempt = segment[2], 0
                 return
             except Exception as error:
+                # nobody reads what a closed read-ahead would fetch: neither retry nor log
+                if self.stop is not None and self.stop.is_set():
+                    return
                 if attempt == 0:
                     since = time.monotonic()
                 attempt += 1
-                time.sleep(self.failed(error, attempt, since, opening=False))
+                wait = self.failed(error, attempt, since, opening=False)
+                if self.stop is None:
+                    time.sleep(wait)
+                elif self.stop.wait(wait):
+                    return
 
 
 # -- read-ahead ----------------------------------------------------------------------------------------------
 _END = object()
+# how long the interpreter's exit waits for read-ahead threads to finish the read they are in
+_EXIT_WAIT_S = 2.0
 
 
 class _ShardThread:
-    """Reads one shard from an offset in a daemon thread into a bounded queue."""
+    """Reads one shard in a daemon thread into a bounded queue; `read(stop)` gives the shard's segments and
+    is told through `stop` when the thread is stopped."""
 
-    def __init__(self, segments: Iterator[_Segment]):
+    def __init__(self, read: Callable[[threading.Event], Iterator[_Segment]]):
         self._queue: queue.Queue = queue.Queue(maxsize=_QUEUE_RECORDS)
         self._stop = threading.Event()
+        segments = read(self._stop)
         self._thread = threading.Thread(target=self._run, args=(segments,), name="read-ahead", daemon=True)
         self._thread.start()
+        _LIVE.add(self)
 
     def _run(self, segments: Iterator[_Segment]) -> None:
         try:
@@ -216,13 +238,35 @@ class _ShardThread:
     def stop(self) -> None:
         self._stop.set()
 
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+
+# the read-ahead threads of this process, for `_stop_all` (a finished one drops out with its last reference)
+_LIVE: weakref.WeakSet[_ShardThread] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all() -> None:
+    """At exit, stop every read-ahead thread and wait briefly for it: one left inside pyarrow's reader while
+    Python finalizes can abort the interpreter (PyGILState_Release) after the run itself succeeded."""
+    threads = list(_LIVE)
+    for thread in threads:
+        thread.stop()
+    deadline = time.monotonic() + _EXIT_WAIT_S
+    for thread in threads:
+        thread.join(max(deadline - time.monotonic(), 0.0))
+
 
 class ReadAhead:
     """Reads the next `depth` shards of a planned order in background threads, so network latency overlaps
     training; `take(shard, offset)` hands out the planned shard's segments (None if it was not planned)."""
 
     def __init__(
-        self, plan: list[tuple[int, int]], read: Callable[[int, int], Iterator[_Segment]], depth: int
+        self,
+        plan: list[tuple[int, int]],
+        read: Callable[[int, int, threading.Event], Iterator[_Segment]],
+        depth: int,
     ):
         self.plan, self.read, self.depth = plan, read, depth
         self.next = 0
@@ -233,10 +277,14 @@ class ReadAhead:
             return None
         index = self.next
         self.next += 1
+        # the shard before this one was read to its end; this one's thread is kept until then, so that
+        # `close` stops it too when its reader is abandoned halfway
+        for done in [i for i in self.threads if i < index]:
+            self.threads.pop(done).stop()
         for ahead in range(index, min(index + self.depth, len(self.plan))):
             if ahead not in self.threads:
-                self.threads[ahead] = _ShardThread(self.read(*self.plan[ahead]))
-        return iter(self.threads.pop(index))
+                self.threads[ahead] = _ShardThread(functools.partial(self.read, *self.plan[ahead]))
+        return iter(self.threads[index])
 
     def close(self) -> None:
         for thread in self.threads.values():
@@ -253,8 +301,10 @@ class _RemoteMixin:
     def _url_of(self, shard: int) -> str:
         raise NotImplementedError
 
-    def _retrying_read(self, shard: int, offset: int) -> Iterator[_Segment]:
-        retrying = Retrying(self._url_of(shard), self.settings)
+    def _retrying_read(
+        self, shard: int, offset: int, stop: threading.Event | None = None
+    ) -> Iterator[_Segment]:
+        retrying = Retrying(self._url_of(shard), self.settings, stop=stop)
         return retrying.read(lambda start: super(_RemoteMixin, self)._read(shard, start), offset)
 
     def _read(self, shard: int, offset: int) -> Iterator[_Segment]:
