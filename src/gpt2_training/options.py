@@ -256,7 +256,9 @@ TRAINING_ARGUMENTS: dict[str, Option] = {
     "accelerator_config": _r("the engine configures Accelerate itself", '{"split_batches": true}'),
     "parallelism_config": _r("use --fsdp or --deepspeed", "{}"),
     "dataloader_drop_last": _na("packed sequences are all full blocks: there is no last partial batch"),
-    "dataloader_num_workers": _h("background data workers (see the data pipeline)", "tests/data/test_workers.py"),
+    "dataloader_num_workers": _h(
+        "background data workers (see the data pipeline)", "tests/data/test_workers.py"
+    ),
     "dataloader_pin_memory": _h(
         "pin host batches before the copy to the GPU", f"{T_TRAINER}::test_batch_shape"
     ),
