@@ -73,10 +73,12 @@ def test_static_bytes_are_exact(preset, vocab, optimizer):
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_activations_match_saved_tensors(precision, checkpointing):
+@pytest.mark.parametrize("activation", ["gelu_new", "gelu_pytorch_tanh"])
+def test_activations_match_saved_tensors(precision, checkpointing, activation):
     """What autograd saves during the forward equals the formula (within 1%); bf16 autocast also saves the
     bf16 casts of the block weights, which the plan counts separately as autocast_weight_copies."""
     cfg = _config("tiny", 512)
+    cfg.activation_function = activation
     lm = GPT2LMHeadModel(cfg).train()
     if checkpointing:
         enable_activation_checkpointing(lm)
