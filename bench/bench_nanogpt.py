@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import pickle
-import platform
 import re
 import shutil
 import statistics
@@ -172,8 +171,11 @@ def main() -> int:
             rows.append(pair)
     import torch
 
+    from gpt2_training.hardware import cpu_name
+
     record = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        "machine": f"{cpu_name()}, {os.cpu_count()} cores, no GPU used, torch {torch.__version__}",
+        "load_at_end": round(os.getloadavg()[0], 2),
         "steps": a.steps,
         "nanogpt_commit": subprocess.run(
             ["git", "-C", str(a.nanogpt), "rev-parse", "HEAD"], capture_output=True, text=True
@@ -198,7 +200,9 @@ def main() -> int:
     print(table)
     a.out.with_suffix(".md").write_text(
         f"# bench/bench_nanogpt.py\n\n{record['machine']}; nanoGPT {record['nanogpt_commit']}; {a.steps} steps "
-        "per run, one intra-op thread each.\n\n" + table + "\n"
+        "per run, one intra-op thread each; load average (1 min) at each run's start in the table, "
+        f"{record['load_at_end']} at the end. Speed: median tokens/s of 20-step windows (the first left out); "
+        "memory: each process's peak resident set.\n\n" + table + "\n"
     )
     return 0
 
