@@ -46,7 +46,7 @@ from .optim import OPTIMIZERS as OPTIMIZER_KINDS
 GIB = 1 << 30
 MIB = 1 << 20
 GPT2_VOCAB = 50257
-CHUNK_SIZE = 4096  # model.chunked_cross_entropy's default
+CHUNK_SIZE = 4096  # model.GPU_CHUNK_ROWS: the chunked loss's rows per chunk on a GPU
 BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes 0.50 Optimizer2State default `min_8bit_size`
 BNB_BLOCKSIZE = 256  # bitsandbytes 0.50 blockwise 8-bit states: one fp32 absmax per 256 elements
 BNB_QMAP_BYTES = 2 * 256 * 4  # qmap1 (signed dynamic map) + qmap2 (unsigned), shared by all tensors
