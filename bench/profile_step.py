@@ -1,6 +1,6 @@
 """Where the engine's step time goes on a CPU: `make train`'s recipe for a few steps under cProfile, one thread,
 grouped into the parts a peer's loop also pays (the blocks' forward, the backward, the optimizer) and the parts it
-may not (the output layer and loss, GPT-2's Python tanh-GELU, data, logging). Prints the shares and the top calls.
+may not (the output layer and loss, the GELU, data, logging). Prints the shares and the top calls.
 
     .venv/bin/python bench/profile_step.py [--steps 40]
 """
@@ -25,7 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 PARTS = {
     "backward (autograd)": "run_backward",
     "output layer + loss (model.py chunked cross-entropy)": "model.py:106(forward)",
-    "GPT-2 tanh-GELU written in Python (transformers activations.py)": "activations.py:65(forward)",
+    "GPT-2 tanh-GELU (transformers activations.py, torch's C++ kernel)": "activations.py:",
     "attention (SDPA)": "scaled_dot_product_attention",
     "optimizer step": "adam.py",
     "gradient clipping": "clip_grad",

@@ -37,6 +37,9 @@ def gpt2_config(args: ModelArguments, vocab_size: int, bos_eos_id: int) -> GPT2C
         # that starts or ends with an EOS that it may be padding
         pad_token_id=None,
         attn_implementation=args.attn_implementation,
+        # GPT-2's tanh-GELU as torch's one C++ kernel: the same function as the Python `gelu_new` of the original
+        # config (equal to ~1e-7), without its five element-wise ops and their saved activations
+        activation_function="gelu_pytorch_tanh",
         loss_type="ForCausalLM",
         **shape,
     )
@@ -166,10 +169,26 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         return grad_h * grad_out, grad_w * grad_out, None, None, None
 
 
+# A chunk's rows on a GPU (large matmuls keep it busy) and its logits on a CPU, where a chunk of 2**21 logits
+# (8 MB in fp32) is as fast as a larger one and keeps the run's peak memory down: glibc reuses the freed heap
+# for a chunk this size instead of growing it for every one-chunk-sized buffer of the step.
+GPU_CHUNK_ROWS = 4096
+CPU_CHUNK_LOGITS = 2**21
+
+
+def loss_chunk_rows(device: torch.device, vocab_size: int) -> int:
+    """Rows of the output layer computed at once by the chunked loss on this device."""
+    if device.type == "cpu":
+        return max(1, CPU_CHUNK_LOGITS // vocab_size)
+    return GPU_CHUNK_ROWS
+
+
 def chunked_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 4096
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int | None = None
 ) -> torch.Tensor:
-    """Mean next-token loss from final hidden states [N, D], the output matrix [V, D] and targets [N]."""
+    """Mean next-token loss from final hidden states [N, D], the output matrix [V, D] and targets [N];
+    `chunk_size` rows at a time (default: `loss_chunk_rows` for the device)."""
+    chunk_size = chunk_size or loss_chunk_rows(hidden.device, weight.shape[0])
     dtype = (
         torch.get_autocast_dtype(hidden.device.type)
         if torch.is_autocast_enabled(hidden.device.type)

@@ -19,7 +19,7 @@ from .model import count_parameters, padded_vocab_size
 GIB = 1 << 30
 MIB = 1 << 20
 GPT2_VOCAB = 50257
-CHUNK_SIZE = 4096  # model.chunked_cross_entropy's default
+CHUNK_SIZE = 4096  # model.GPU_CHUNK_ROWS: the chunked loss's rows per chunk on a GPU
 BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes 0.50 Optimizer2State default `min_8bit_size`
 BNB_BLOCKSIZE = 256  # bitsandbytes 0.50 blockwise 8-bit states: one fp32 absmax per 256 elements
 BNB_QMAP_BYTES = 2 * 256 * 4  # qmap1 (signed dynamic map) + qmap2 (unsigned), shared by all tensors
@@ -44,7 +44,12 @@ def resolve_config(config: GPT2Config | str, vocab_size: int | None = None, pad_
         return config
     if config not in PRESETS:
         raise ValueError(f"unknown preset {config!r}: choose one of {', '.join(PRESETS)}")
-    return GPT2Config(vocab_size=padded_vocab_size(vocab_size or GPT2_VOCAB, pad_to), **PRESETS[config])
+    return GPT2Config(
+        vocab_size=padded_vocab_size(vocab_size or GPT2_VOCAB, pad_to),
+        # as model.gpt2_config builds a scratch model
+        activation_function="gelu_pytorch_tanh",
+        **PRESETS[config],
+    )
 
 
 def parameter_shapes(config: GPT2Config) -> list[tuple[str, int]]:
@@ -111,14 +116,15 @@ def layer_activation_bytes_per_token(
       ln_1: input 4d + mean/rstd 8           c_attn: its (cast) input s*d
       SDPA: q, k, v (views of c_attn's output) 3*s*d, output s*d (also c_proj's input), logsumexp 4*H
       ln_2: input 4d + 8                     c_fc: its (cast) input s*d
-      gelu_new (Python: 0.5*x*(1+tanh(c*(x+0.044715*x^3)))): x (saved by pow) 4*s*d, tanh output 4*s*d,
-        0.5*x 4*s*d and 1+tanh 4*s*d (saved by the final multiply)
+      gelu_pytorch_tanh (one C++ kernel, this project's scratch models): its input x 4*s*d; the Python gelu_new
+        (0.5*x*(1+tanh(c*(x+0.044715*x^3))), pre-trained GPT-2 configs) saves x (by pow) 4*s*d, the tanh output
+        4*s*d, 0.5*x 4*s*d and 1+tanh 4*s*d (by the final multiply)
       mlp.c_proj: its input (the gelu output) 4*s*d
-    = 8d + 16 + 4H + 26*s*d. Dropout > 0 adds two 1-byte residual masks per layer (2d); eager attention saves
+    = 8d + 16 + 4H + 14*s*d with the C++ GELU (26*s*d with gelu_new). Dropout > 0 adds two 1-byte residual masks per layer (2d); eager attention saves
     the fp32 softmax output and its s-byte cast (plus a 1-byte dropout mask) per head and key: H*T*(4+s[+1]).
     """
     d, heads = config.n_embd, config.n_head
-    per = 8 * d + 16 + 26 * dtype_bytes * d
+    per = 8 * d + 16 + (26 if config.activation_function == "gelu_new" else 14) * dtype_bytes * d
     if attn_implementation == "eager":
         per += heads * block_size * (4 + dtype_bytes + (1 if dropout > 0 else 0))
     else:
