@@ -27,7 +27,7 @@ from .model import CausalLMWithLoss, build_for_training
 from .optim import build_optimizer, build_scheduler
 from .options import changed_fields, report_to_list, validate
 from .precision import bf16_supported, resolve_precision
-from .reporting import Reporter
+from .reporting import Reporter, startup_line
 from .run_length import resolve_max_steps
 from .signals import SignalFlag
 
@@ -149,6 +149,37 @@ class RunParts:
         )
         self.data_error: DataUnavailable | None = None
         self.bad_in_a_row = 0
+
+    def _print_start(self) -> None:
+        if not self.is_main:
+            return
+        line = startup_line(
+            self.cfg,
+            self.lm.config,
+            self.n_params,
+            self.precision,
+            self.precision_reason,
+            self.world,
+            self.backend.describe(),
+        )
+        if self.resume_path:
+            line += f"; resuming from {self.resume_path} at step {self.state.step}"
+        for text in (line, self.cfg.train.run_name and f"run: {self.cfg.train.run_name}", self.steps_note):
+            if text:
+                print(text, flush=True)
+
+    def evaluate(self) -> dict[str, float] | None:
+        """The held-out figures of the model in training (None if a signal interrupted them)."""
+        return self.evaluator.evaluate(self.model)
+
+    @property
+    def samples_wanted(self) -> bool:
+        """Prompts and tokens to generate, and a model that one process can run (not under ZeRO-3 or FSDP)."""
+        r = self.cfg.run
+        return bool(r.sample_prompts) and r.sample_max_new_tokens > 0 and not self.sharded
+
+    def sample(self, seed: int = 0) -> list[str]:
+        return self.evaluator.sample(self.cfg.run.sample_prompts, self.cfg.run.sample_max_new_tokens, seed)
 
     def _parts(self) -> dict:
         """Every stateful part of the run, under the name checkpoint.py files it by."""

@@ -34,7 +34,7 @@ from .hub import push_folder
 from .metrics import flops_per_token, unigram_byte_entropy
 from .model import CausalLMWithLoss
 from .parts import RunParts
-from .reporting import StepWindow, TrainResult, console_line, interval, plot_loss_curve, startup_line
+from .reporting import StepWindow, TrainResult, console_line, interval, plot_loss_curve
 from .signals import EXIT_CODES
 from .threads import apply_thread_policy
 
@@ -154,24 +154,6 @@ class Engine(RunParts):
                 self.bar = None
             return self._finish(res, stopped)
 
-    def _print_start(self) -> None:
-        if not self.is_main:
-            return
-        line = startup_line(
-            self.cfg,
-            self.lm.config,
-            self.n_params,
-            self.precision,
-            self.precision_reason,
-            self.world,
-            self.backend.describe(),
-        )
-        if self.resume_path:
-            line += f"; resuming from {self.resume_path} at step {self.state.step}"
-        for text in (line, self.cfg.train.run_name and f"run: {self.cfg.train.run_name}", self.steps_note):
-            if text:
-                print(text, flush=True)
-
     def _log(self, record: dict) -> None:
         self.reporter.log(record)
         if self.is_main:
@@ -179,19 +161,6 @@ class Engine(RunParts):
                 self.bar.write(console_line(record))  # above the bar, which keeps its place at the bottom
             else:
                 print(console_line(record), flush=True)
-
-    def evaluate(self) -> dict[str, float] | None:
-        """The held-out figures of the model in training (None if a signal interrupted them)."""
-        return self.evaluator.evaluate(self.model)
-
-    @property
-    def samples_wanted(self) -> bool:
-        """Prompts and tokens to generate, and a model that one process can run (not under ZeRO-3 or FSDP)."""
-        r = self.cfg.run
-        return bool(r.sample_prompts) and r.sample_max_new_tokens > 0 and not self.sharded
-
-    def sample(self, seed: int = 0) -> list[str]:
-        return self.evaluator.sample(self.cfg.run.sample_prompts, self.cfg.run.sample_max_new_tokens, seed)
 
     def _evaluate_during_training(self, res: TrainResult) -> None:
         ev = self.evaluate()
