@@ -11,8 +11,8 @@ from types import SimpleNamespace
 
 from transformers import GPT2Config
 
+from .config import LOSS_IMPLS, PRESETS
 from .config import OPTIMIZERS as OPTIMIZER_KINDS
-from .config import PRESETS
 from .errors import ConfigError
 from .model import count_parameters, padded_vocab_size
 
@@ -343,8 +343,8 @@ def plan_memory(
         raise ValueError("zero_stage must be 0, 1, 2 or 3")
     if zero_stage and fsdp:
         raise ValueError("choose ZeRO (DeepSpeed) or FSDP, not both")
-    if loss_impl not in ("chunked", "hf"):
-        raise ValueError("loss_impl must be 'chunked' or 'hf'")
+    if loss_impl not in LOSS_IMPLS:
+        raise ValueError(f"loss_impl must be one of {', '.join(LOSS_IMPLS)}")
     opt = _optimizer_kind(optim)
     s = DTYPE_BYTES[precision]
     n_gpus = int(num_gpus)
@@ -618,7 +618,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--zero_stage", type=int, default=0, choices=[0, 1, 2, 3])
     p.add_argument("--fsdp", action="store_true")
     p.add_argument("--num_gpus", type=int, default=1)
-    p.add_argument("--loss_impl", default="chunked", choices=["chunked", "hf"])
+    p.add_argument("--loss_impl", default="chunked", choices=list(LOSS_IMPLS))
     p.add_argument("--attn_implementation", default="sdpa", choices=["sdpa", "eager"])
     p.add_argument(
         "--vocab_size", type=int, default=None, help="Tokenizer size (default GPT-2's 50257, padded)."
