@@ -84,6 +84,42 @@ def test_schedule_kwargs_it_does_not_take_are_found_before_training_and_the_acce
     assert lrs[5] < 0.2 and lrs[-1] > 0.8
 
 
+def test_a_schedule_the_loop_cannot_step_or_one_missing_a_setting_is_refused_before_training(tmp_path):
+    from conftest import tiny_args
+
+    from gpt2_training.cli import parse_config
+    from gpt2_training.optim import scheduler_problems
+
+    # a metric-driven schedule: refused by name, not through the fields transformers sets for it
+    with pytest.raises(ConfigError, match="driven by an evaluation metric"):
+        argv = [
+            "--lr_scheduler_type",
+            "reduce_lr_on_plateau",
+            "--eval_strategy",
+            "steps",
+            "--eval_steps",
+            "2",
+        ]
+        parse_config(tiny_args(tmp_path, *argv))
+    # warmup-stable-decay has a required setting: the message says how to pass it, and doing so builds it
+    wsd = _args(lr_scheduler_type="warmup_stable_decay", warmup_steps=0, learning_rate=1.0)
+    (problem,) = scheduler_problems(wsd)
+    assert problem == (
+        "--lr_scheduler_type warmup_stable_decay needs num_decay_steps: pass --lr_scheduler_kwargs "
+        "'{\"num_decay_steps\": 100}'"
+    )
+    fixed = _args(
+        lr_scheduler_type="warmup_stable_decay",
+        lr_scheduler_kwargs={"num_decay_steps": 5},
+        warmup_steps=0,
+        learning_rate=1.0,
+    )
+    assert scheduler_problems(fixed) == []
+    lrs = _lrs(fixed)
+    # stable at the peak, then decaying over the last 5 of the 10 steps
+    assert lrs[0] == pytest.approx(1.0) and lrs[-1] < 0.2
+
+
 # -- Muon ---------------------------------------------------------------------------------------------------------
 def _tiny_lm():
     from gpt2_training.config import ModelArguments

@@ -48,8 +48,9 @@ ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 SAVE_DTYPES = ("fp32", "bf16", "fp16")
 TXT_MODES = ("file", "paragraph")
-# --lr_scheduler_type: transformers' schedules, which optim.build_scheduler builds by name
-SCHEDULES = tuple(s.value for s in SchedulerType)
+# --lr_scheduler_type: transformers' schedules that optim.build_scheduler builds by name and the loop steps once per
+# optimizer step (not the two that step on an evaluation metric)
+SCHEDULES = tuple(s.value for s in SchedulerType if s.value not in ("reduce_lr_on_plateau", "greedy"))
 
 
 @dataclass
@@ -182,7 +183,7 @@ class GPT2TrainingArguments(TrainingArguments):
         3.0, "Passes over a corpus of known size (local files, prepared shards) when max_steps <= 0."
     )
     warmup_steps: float = setting(100, "Linear warmup steps (a float < 1 is a ratio).")
-    lr_scheduler_type: SchedulerType | str = setting("cosine", "cosine, linear, constant_with_warmup...")
+    lr_scheduler_type: SchedulerType | str = setting("cosine", f"One of {', '.join(SCHEDULES)}.")
     optim: OptimizerNames | str = setting("adamw_torch", f"One of {', '.join(SUPPORTED_OPTIMIZERS)}.")
     logging_steps: float = setting(10, "Log every N optimizer steps.")
     eval_strategy: str = setting("steps", "'steps' (every --eval_steps) or 'no'.")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from transformers import get_scheduler
 
+from .config import SCHEDULES
 from .errors import ConfigError
 
 # Moonshot's scaling ("Muon is Scalable for LLM Training"): each matrix's orthogonalised update is scaled by
@@ -177,8 +178,9 @@ def _check_optimizer_kwargs(name: str, extra: dict) -> None:
 
 
 def scheduler_problems(args) -> list[str]:
-    """What the schedule would refuse only once training is set up: `lr_scheduler_kwargs` that its function does
-    not take (transformers passes them on as they are), and a `min_lr_rate` that is no fraction of the peak."""
+    """What the schedule would refuse only once training is set up: a schedule this loop cannot step (one driven
+    by an evaluation metric), `lr_scheduler_kwargs` that its function does not take or lacks (transformers passes
+    them on as they are), and a `min_lr_rate` that is no fraction of the peak."""
     import inspect
 
     from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION
@@ -186,17 +188,30 @@ def scheduler_problems(args) -> list[str]:
 
     kwargs = dict(args.lr_scheduler_kwargs or {})
     name = str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))
+    if name not in SCHEDULES:
+        # the loop steps the schedule once per optimizer step, with no metric to pass
+        return [
+            f"--lr_scheduler_type {name} is driven by an evaluation metric, which this loop does not pass to "
+            f"its schedule: use one of {', '.join(SCHEDULES)}"
+        ]
     function = TYPE_TO_SCHEDULER_FUNCTION.get(SchedulerType(name))
-    if not kwargs or function is None:
+    if function is None:
         return []
     set_here = {"optimizer", "num_warmup_steps", "num_training_steps", "last_epoch"}
-    accepted = sorted(set(inspect.signature(function).parameters) - set_here)
+    parameters = inspect.signature(function).parameters
+    accepted = sorted(set(parameters) - set_here)
     problems = []
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
         problems.append(
             f"--lr_scheduler_kwargs: the {name} schedule takes no {', '.join(unknown)}; it accepts "
             f"{', '.join(accepted) or 'nothing'}"
+        )
+    required = [k for k in accepted if parameters[k].default is inspect.Parameter.empty and k not in kwargs]
+    if required:
+        example = ", ".join(f'"{k}": 100' for k in required)
+        problems.append(
+            f"--lr_scheduler_type {name} needs {', '.join(required)}: pass --lr_scheduler_kwargs '{{{example}}}'"
         )
     rate = kwargs.get("min_lr_rate")
     if rate is not None and not 0 <= rate <= 1:

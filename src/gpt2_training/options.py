@@ -33,6 +33,7 @@ from .config import (
     PRECISIONS,
     PRESETS,
     SAVE_DTYPES,
+    SCHEDULES,
     SUPPORTED_OPTIMIZERS,
     TXT_MODES,
     Config,
@@ -401,6 +402,9 @@ def apply_training_arguments(cfg: Any) -> None:
     """Check `cfg.train` against the table and map the Trainer's own switches onto the project's settings:
     `--bf16` / `--fp16` onto `--precision`, `--resume_from_checkpoint` onto `--resume`."""
     t, run = cfg.train, cfg.run
+    if str(getattr(t.lr_scheduler_type, "value", t.lr_scheduler_type)) not in SCHEDULES:
+        # before the field check: transformers sets metric_for_best_model for these schedules itself
+        raise ConfigError(scheduler_problems(t))
     check_training_arguments(t)
     asked = [name for name in ("bf16", "fp16") if getattr(t, name)]
     if len(asked) > 1:

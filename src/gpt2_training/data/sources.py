@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import urlparse
 
+from gpt2_training.config import TXT_MODES
 from gpt2_training.errors import ConfigError, DataError, DataUnavailable
 
 from .fingerprint import files_fingerprint
@@ -73,7 +74,6 @@ OPENWEBTEXT_ALTERNATIVES = (
 )
 DEEPLAKE_CHUNK_ROWS = 1024  # shuffle granularity for DeepLake: big enough for sequential reads
 _DEEPLAKE_BATCH_ROWS = 256
-_TXT_MODES = ("file", "paragraph")
 # the source-name grammar (`parse_source`): prefixes and URL schemes
 _HF_FILE_PREFIXES = {"hf-json": "json", "hf-parquet": "parquet", "hf-text": "text"}
 _HF_SUFFIXES = {"json": (".jsonl", ".json"), "parquet": (".parquet",), "text": (".txt",)}
@@ -580,8 +580,8 @@ def open_named(
 ) -> DocumentSource:
     """Open a source this module reads (all but the remote ones, which remote.py reads; `open_source` in
     opening.py picks the reader); `name` is `parse_source(spec)`."""
-    if txt_mode not in _TXT_MODES:
-        raise ConfigError(f"txt_mode must be one of {', '.join(_TXT_MODES)}, got {txt_mode!r}")
+    if txt_mode not in TXT_MODES:
+        raise ConfigError(f"txt_mode must be one of {', '.join(TXT_MODES)}, got {txt_mode!r}")
     common = {"shuffle": shuffle, "seed": seed, "max_piece_chars": max_piece_chars}
     if name.kind == "builtin":
         from gpt2_training.data.corpus import builtin_documents
