@@ -97,7 +97,9 @@ TRAINING_ARGUMENTS: dict[str, Option] = {
     ),
     "learning_rate": _h("peak learning rate", f"{T_OPTIM}::test_schedule_peaks_at_learning_rate"),
     "lr_scheduler_type": _h(
-        "any transformers schedule", f"{T_OPTIM}::test_cosine_with_min_lr_ends_at_a_tenth"
+        "every transformers schedule stepped once per optimizer step (the metric-driven reduce_lr_on_plateau "
+        "and greedy are refused)",
+        f"{T_OPTIM}::test_cosine_with_min_lr_ends_at_a_tenth",
     ),
     "lr_scheduler_kwargs": _h(
         "passed to the schedule", f"{T_OPTIM}::test_cosine_with_min_lr_ends_at_a_tenth"
