@@ -56,7 +56,6 @@ from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import urlparse
 
-from gpt2_training.config import TXT_MODES
 from gpt2_training.errors import ConfigError, DataError, DataUnavailable
 
 from .fingerprint import files_fingerprint
@@ -580,6 +579,9 @@ def open_named(
 ) -> DocumentSource:
     """Open a source this module reads (all but the remote ones, which remote.py reads; `open_source` in
     opening.py picks the reader); `name` is `parse_source(spec)`."""
+    # here, not at the top: the settings module imports transformers, and importing the data package stays light
+    from gpt2_training.config import TXT_MODES
+
     if txt_mode not in TXT_MODES:
         raise ConfigError(f"txt_mode must be one of {', '.join(TXT_MODES)}, got {txt_mode!r}")
     common = {"shuffle": shuffle, "seed": seed, "max_piece_chars": max_piece_chars}
