@@ -178,19 +178,43 @@ def test_only_rank0_writes_logs_checkpoints_and_samples(ddp):
     assert state["fingerprint"]["world_size"] == 2 and state["step"] == STEPS
 
 
+# train.py, then each rank's thread names (Linux: /proc) once `run` has returned
+THREADS_AFTER_RUN = """
+import glob, json, os, sys
+from gpt2_training.cli import run
+
+status = run()
+names = []
+for comm in glob.glob("/proc/self/task/*/comm"):
+    with open(comm) as f:
+        names.append(f.read().strip())
+with open(sys.argv[sys.argv.index("--output_dir") + 1] + f"/threads-rank{os.environ['RANK']}.json", "w") as f:
+    json.dump(names, f)
+sys.exit(status)
+"""
+
+
 @pytest.mark.slow
 def test_a_run_with_nothing_left_to_train_exits_0_on_every_rank(shards, ddp, tmp_path):
     """The same command again on a finished 2-process run: it resumes at its last step, trains nothing, evaluates
     and saves; every rank leaves its process group and exits 0 (torchrun reports any other status as a failure),
-    and the log keeps one record per step."""
+    and the log keeps one record per step. Leaving the group joins gloo's threads before the interpreter shuts
+    down: left to shutdown (the finished engine's reference cycles kept DDP's reducer and with it the group
+    alive), they aborted a successful run now and then with "terminate called without an active exception"
+    (CI, stop 25)."""
     out = tmp_path / "again"
     shutil.copytree(ddp[0], out)
-    proc = _run(torchrun_command(_common(shards, out), 2))
+    script = tmp_path / "train_then_threads.py"
+    script.write_text(THREADS_AFTER_RUN)
+    proc = _run(torchrun_command(_common(shards, out), 2, script=script))
     assert f"resuming from {out / f'checkpoint-{STEPS}'} at step {STEPS}" in proc.stdout
     assert "terminate called" not in proc.stdout + proc.stderr
     records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["event"] == "train"] == list(range(1, STEPS + 1))
     assert [r["event"] for r in records if r["step"] == STEPS].count("eval") == 1, records
+    for rank in (0, 1):
+        names = json.loads((out / f"threads-rank{rank}.json").read_text())
+        assert "python" in names and not [n for n in names if "gloo" in n], (rank, names)
 
 
 @pytest.mark.slow

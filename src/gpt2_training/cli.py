@@ -6,6 +6,7 @@ entry point that turns errors into a one-line message and an exit status.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -264,10 +265,14 @@ def run(argv: list[str] | None = None) -> int:
 
 def leave_process_group() -> None:
     """Destroy the process group once the run has ended on every process (a finished run, or a signal's
-    checkpoint, both of which end with all processes together). Left to interpreter shutdown, a gloo group's
-    threads can be torn down while still joinable, and C++ aborts the process ("terminate called without an
-    active exception") after a run that otherwise succeeded: the launcher then reports a failure. Not after an
-    error: a process that failed alone must not wait for the others to leave a group they are still using."""
+    checkpoint, both of which end with all processes together), and with it gloo's threads. Left to interpreter
+    shutdown, those threads can be torn down while still joinable, and C++ aborts the process ("terminate called
+    without an active exception") after a run that otherwise succeeded: the launcher then reports a failure. The
+    finished engine's reference cycles still hold the wrapped model, whose gradient reducer holds the group, so
+    `destroy_process_group` alone only unregisters it: collecting them first lets it join the threads here. Not
+    after an error: a process that failed alone must not wait for the others to leave a group they are still
+    using."""
     dist = sys.modules.get("torch.distributed")  # never imported by plan / estimate: nothing to do
     if dist is not None and dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
