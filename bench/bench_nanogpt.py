@@ -32,6 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "01-Full-Fine-Tuning" / "train.py"
 BATCH, BLOCK, VOCAB, WINDOW = 16, 128, 4096, 20
+CONTESTANTS = ("project", "project-compiled", "nanogpt", "nanogpt-compiled")
 # nanoGPT's train.py turns autocast off on a CPU with this line; the bf16 runs autocast instead
 NANOGPT_CPU_NO_AUTOCAST = "ctx = nullcontext() if device_type == 'cpu' else "
 
@@ -66,8 +67,10 @@ def run(cmd: list[str], cwd: Path) -> dict:
     }
 
 
-def project(shards: Path, out: Path, steps: int, precision: str) -> dict:
+def project(shards: Path, out: Path, steps: int, precision: str, compiled: bool = False) -> dict:
     cmd = [sys.executable, str(TRAIN), "--shards_dir", str(shards), "--tokenizer", str(shards / "tokenizer")]
+    if compiled:
+        cmd += ["--torch_compile", "true"]
     cmd += f"""--n_layer 4 --n_head 4 --n_embd 128 --n_positions {BLOCK} --block_size {BLOCK} --dropout 0
         --per_device_train_batch_size {BATCH} --learning_rate 3e-3 --adam_beta2 0.95 --weight_decay 0.1
         --warmup_steps 50 --lr_scheduler_type cosine_with_min_lr --max_grad_norm 1.0 --max_steps {steps}
@@ -81,9 +84,9 @@ def project(shards: Path, out: Path, steps: int, precision: str) -> dict:
     return res
 
 
-def nanogpt(workdir: Path, steps: int, precision: str) -> dict:
+def nanogpt(workdir: Path, steps: int, precision: str, compiled: bool = False) -> dict:
     cmd = [sys.executable, "train.py"]
-    cmd += f"""--dataset=builtin --device=cpu --compile=False --n_layer=4 --n_head=4 --n_embd=128
+    cmd += f"""--dataset=builtin --device=cpu --compile={compiled} --n_layer=4 --n_head=4 --n_embd=128
         --block_size={BLOCK} --batch_size={BATCH} --gradient_accumulation_steps=1 --bias=True --dropout=0.0
         --learning_rate=3e-3 --beta2=0.95 --weight_decay=0.1 --warmup_iters=50 --max_iters={steps}
         --lr_decay_iters={steps} --min_lr=3e-4 --grad_clip=1.0 --eval_interval={steps} --eval_iters=20
@@ -137,7 +140,17 @@ def main() -> int:
     ap.add_argument("--pairs", type=int, default=2, help="fp32 pairs")
     ap.add_argument("--bf16_pairs", type=int, default=0, help="bf16 pairs (CPUs with native bf16 only)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/nanogpt-cpu")
+    ap.add_argument(
+        "--contestants",
+        default="project,nanogpt",
+        help=f"comma-separated, from {', '.join(CONTESTANTS)}; '-compiled' runs torch.compile (inductor)",
+    )
     a = ap.parse_args()
+    a.contestants = a.contestants.split(",")
+    unknown = [c for c in a.contestants if c not in CONTESTANTS]
+    if unknown:
+        print(f"error: unknown contestant(s) {unknown}: choose from {', '.join(CONTESTANTS)}", file=sys.stderr)
+        return 2
     if not (a.nanogpt / "train.py").is_file() or not (a.nanogpt / "model.py").is_file():
         print(f"error: {a.nanogpt} is not a nanoGPT checkout (no train.py and model.py)", file=sys.stderr)
         return 2
@@ -156,18 +169,23 @@ def main() -> int:
         shards, work = prepare(Path(tmp), a.nanogpt)
         plan = ["fp32"] * a.pairs + ["bf16"] * a.bf16_pairs
         for i, precision in enumerate(plan):
-            order = ("project", "nanogpt") if i % 2 == 0 else ("nanogpt", "project")
+            # each pair runs every contestant once, the order turned by one place per pair
+            order = a.contestants[i % len(a.contestants) :] + a.contestants[: i % len(a.contestants)]
             pair = {"pair": i + 1, "precision": precision, "order": order}
             for who in order:
-                if who == "project":
-                    pair[who] = project(shards, Path(tmp) / f"run{i}", a.steps, precision)
+                compiled = who.endswith("-compiled")
+                if who.startswith("project"):
+                    r = project(shards, Path(tmp) / f"run{i}", a.steps, precision, compiled)
                 else:
-                    pair[who] = nanogpt(work, a.steps, precision)
-                r = pair[who]
+                    r = nanogpt(work, a.steps, precision, compiled)
                 r["tokens_per_s"] = round(statistics.median(r.pop("tokens_per_s_windows")))
                 r.pop("output")
+                pair[who] = r
                 print(f"pair {i + 1} {precision} {who}: {r}", flush=True)
-            pair["ratio"] = round(pair["project"]["tokens_per_s"] / pair["nanogpt"]["tokens_per_s"], 2)
+            base = pair.get("nanogpt")
+            for who in order:
+                if base is not None:
+                    pair[who]["ratio"] = round(pair[who]["tokens_per_s"] / base["tokens_per_s"], 2)
             rows.append(pair)
     import torch
 
@@ -185,24 +203,27 @@ def main() -> int:
     }
     a.out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
     lines = [
-        "| pair (order) | precision | load at start | project tokens/s | nanoGPT tokens/s | ratio "
-        "| project peak RSS | nanoGPT peak RSS | held-out loss project / nanoGPT |",
-        "|---|---|---|---:|---:|---:|---:|---:|---|",
+        "| pair | precision | run | load at start | tokens/s | vs nanoGPT (eager) | wall time | peak RSS "
+        "| held-out loss |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        p, n = r["project"], r["nanogpt"]
-        lines.append(
-            f"| {r['pair']} ({' then '.join(r['order'])}) | {r['precision']} | {p['load_at_start']} / "
-            f"{n['load_at_start']} | {p['tokens_per_s']:,} | {n['tokens_per_s']:,} | {r['ratio']}x "
-            f"| {p['peak_rss_mb']} MB | {n['peak_rss_mb']} MB | {p['heldout_loss']:.3f} / {n['heldout_loss']:.3f} |"
-        )
+        for who in r["order"]:
+            x = r[who]
+            ratio = f"{x['ratio']}x" if "ratio" in x else "n/a"
+            lines.append(
+                f"| {r['pair']} | {r['precision']} | {who} | {x['load_at_start']} | {x['tokens_per_s']:,} | {ratio} "
+                f"| {x['wall_s']} s | {x['peak_rss_mb']} MB | {x['heldout_loss']:.3f} |"
+            )
     table = "\n".join(lines)
     print(table)
     a.out.with_suffix(".md").write_text(
         f"# bench/bench_nanogpt.py\n\n{record['machine']}; nanoGPT {record['nanogpt_commit']}; {a.steps} steps "
-        "per run, one intra-op thread each; load average (1 min) at each run's start in the table, "
+        "per run, one intra-op thread each, the runs of a pair one after another (the order turned each pair); load "
+        "average (1 min) at each run's start in the table, "
         f"{record['load_at_end']} at the end. Speed: median tokens/s of 20-step windows (the first left out); "
-        "memory: each process's peak resident set.\n\n" + table + "\n"
+        "wall time: the whole process, start-up and compilation included; memory: each process's peak resident "
+        "set.\n\n" + table + "\n"
     )
     return 0
 

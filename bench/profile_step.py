@@ -24,7 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # (part, where its time is counted: cumulative time of functions whose file:name contains this)
 PARTS = {
     "backward (autograd)": "run_backward",
-    "output layer + loss (model.py chunked cross-entropy)": "model.py:106(forward)",
+    "output layer + loss (model.py chunked cross-entropy)": "model.py:{loss_line}(forward)",
     "GPT-2 tanh-GELU (transformers activations.py, torch's C++ kernel)": "activations.py:",
     "attention (SDPA)": "scaled_dot_product_attention",
     "optimizer step": "adam.py",
@@ -60,10 +60,14 @@ def main() -> int:
         profile.enable()
         train(cfg)
         profile.disable()
+    from gpt2_training.model import _ChunkedLinearCrossEntropy
+
+    loss_line = _ChunkedLinearCrossEntropy.forward.__code__.co_firstlineno  # the line cProfile names it by
     stats = pstats.Stats(profile)
     loop = next(v[3] for k, v in stats.stats.items() if k[2] == "train" and k[0].endswith("trainer.py"))
     print(f"load average {os.getloadavg()}; training loop {loop:.1f} s for {a.steps} steps")
     for part, key in PARTS.items():
+        key = key.format(loss_line=loss_line)
         spent = max((v[3] for k, v in stats.stats.items() if key in f"{k[0]}:{k[1]}({k[2]})"), default=0.0)
         print(f"{100 * spent / loop:5.1f}%  {part}")
     stats.sort_stats("tottime").print_stats(15)

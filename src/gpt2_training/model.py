@@ -132,6 +132,12 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     The gradients for `hidden` and `weight` are computed during the forward pass, one chunk at a time,
     so neither the [tokens, vocab] logits nor their fp32 copy are ever held for the backward pass. This is the
     trick behind Liger-Kernel's fused linear cross-entropy, written here in plain PyTorch.
+
+    One [chunk, vocab] buffer serves every chunk and is worked on in place: the logits, then exp(logits - row
+    max), whose row sums give the log-sum-exp, then softmax / n, less 1/n at the targets, which is the loss's
+    gradient with respect to the logits. That is one exponential per logit and no buffer allocated per chunk
+    (`F.cross_entropy` takes two exponentials and three such buffers); on a CPU, where these passes over memory
+    cost as much as the output layer's matrix products, it makes the training step faster (bench/profile_step.py).
     """
 
     @staticmethod
@@ -144,21 +150,32 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(h) if need_grad else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_grad else None
         total = torch.zeros((), dtype=acc, device=hidden.device)
+        buffer = torch.empty((min(chunk_size, n), weight.shape[0]), dtype=acc, device=hidden.device)
+        w_t = w.t().contiguous()  # [D, V]: the logits' product reads it row by row (about 20% faster on a CPU)
         for start in range(0, n, chunk_size):
             h_c = h[start : start + chunk_size]
             t_c = targets[start : start + chunk_size]
-            logits = (h_c @ w.t()).to(acc)
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, t_c[:, None]).squeeze(1)).sum()
+            rows = len(t_c)
+            z = buffer[:rows]
+            if compute_dtype == acc:
+                torch.mm(h_c, w_t, out=z)
+            else:  # a 16-bit product, softmax in fp32
+                z.copy_(h_c @ w_t)
+            target_logit = z.gather(1, t_c[:, None])
+            row_max = z.amax(1, keepdim=True)
+            z.sub_(row_max).exp_()
+            row_sum = z.sum(1, keepdim=True)
+            total += (row_max + row_sum.log() - target_logit).sum()
             if need_grad:
-                probs = torch.exp(logits - lse[:, None])
-                probs[torch.arange(len(t_c), device=probs.device), t_c] -= 1.0
-                probs /= n
-                g = probs.to(compute_dtype)
-                grad_h[start : start + chunk_size] = g @ w
-                grad_w += (g.t() @ h_c).to(acc)
-                del probs, g  # free this chunk's buffers before the next chunk allocates its own
-            del logits, lse
+                z.mul_(row_sum.reciprocal_().mul_(1.0 / n))  # softmax / n
+                z[torch.arange(rows, device=z.device), t_c] -= 1.0 / n
+                g = z if compute_dtype == acc else z.to(compute_dtype)
+                torch.mm(g, w, out=grad_h[start : start + rows])
+                if g.dtype == acc:
+                    grad_w.addmm_(g.t(), h_c)
+                else:
+                    grad_w += (g.t() @ h_c).to(acc)
+                del g
         if need_grad:
             ctx.save_for_backward(grad_h.to(hidden.dtype), grad_w.to(weight.dtype))
         return total / n
@@ -170,8 +187,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
 
 # A chunk's rows on a GPU (large matmuls keep it busy) and its logits on a CPU, where a chunk of 2**21 logits
-# (8 MB in fp32) is as fast as a larger one and keeps the run's peak memory down: glibc reuses the freed heap
-# for a chunk this size instead of growing it for every one-chunk-sized buffer of the step.
+# (8 MB in fp32; 512 rows of a 4,096-token vocabulary) was the fastest of 2**19 to 2**22 and keeps the run's peak
+# memory down.
 GPU_CHUNK_ROWS = 4096
 CPU_CHUNK_LOGITS = 2**21
 

@@ -183,9 +183,11 @@ def loss_head_bytes(
         2 * n * d + v * d
     )  # hidden[:, :-1] copy; h, grad_h and w in the compute dtype
     c = min(chunk_size, n)
-    # One chunk: logits + (logits - lse) + probs in fp32; each chunk's buffers are freed before the next one.
-    chunk = 12 * c * v
-    return int(saved + fixed + max(chunk, (copy + 4) * v * d))  # or g.T @ h_c and its fp32 copy
+    # One fp32 [chunk, vocab] buffer reused by every chunk, worked on in place, and the weight's transposed copy;
+    # in 16 bits also the chunk's 16-bit logits and its 16-bit gradient.
+    chunk = 4 * c * v + 2 * copy * c * v
+    w_t = (copy or 4) * v * d
+    return int(saved + fixed + w_t + chunk + (copy + 4) * v * d * bool(copy))  # g.T @ h_c's fp32 copy
 
 
 # -- the plan -------------------------------------------------------------------------------------------------------
