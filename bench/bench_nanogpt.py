@@ -149,7 +149,9 @@ def main() -> int:
     a.contestants = a.contestants.split(",")
     unknown = [c for c in a.contestants if c not in CONTESTANTS]
     if unknown:
-        print(f"error: unknown contestant(s) {unknown}: choose from {', '.join(CONTESTANTS)}", file=sys.stderr)
+        print(
+            f"error: unknown contestant(s) {unknown}: choose from {', '.join(CONTESTANTS)}", file=sys.stderr
+        )
         return 2
     if not (a.nanogpt / "train.py").is_file() or not (a.nanogpt / "model.py").is_file():
         print(f"error: {a.nanogpt} is not a nanoGPT checkout (no train.py and model.py)", file=sys.stderr)
