@@ -136,8 +136,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     One [chunk, vocab] buffer serves every chunk and is worked on in place: the logits, then exp(logits - row
     max), whose row sums give the log-sum-exp, then softmax / n, less 1/n at the targets, which is the loss's
     gradient with respect to the logits. That is one exponential per logit and no buffer allocated per chunk
-    (`F.cross_entropy` takes two exponentials and three such buffers); on a CPU, where these passes over memory
-    cost as much as the output layer's matrix products, it makes the training step faster (bench/profile_step.py).
+    (`F.cross_entropy` takes two exponentials). Its effect on a CPU's step: bench/results/nanogpt-cpu.md.
     """
 
     @staticmethod
@@ -151,17 +150,17 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_grad else None
         total = torch.zeros((), dtype=acc, device=hidden.device)
         buffer = torch.empty((min(chunk_size, n), weight.shape[0]), dtype=acc, device=hidden.device)
-        w_t = (
-            w.t().contiguous()
-        )  # [D, V]: the logits' product reads it row by row (about 20% faster on a CPU)
+        # [D, V], contiguous: a layout MKL multiplies faster than the transposed view on a CPU
+        w_t = w.t().contiguous()
+        fp32_product = compute_dtype == acc  # else a 16-bit product, with the softmax in fp32
         for start in range(0, n, chunk_size):
             h_c = h[start : start + chunk_size]
             t_c = targets[start : start + chunk_size]
             rows = len(t_c)
             z = buffer[:rows]
-            if compute_dtype == acc:
+            if fp32_product:
                 torch.mm(h_c, w_t, out=z)
-            else:  # a 16-bit product, softmax in fp32
+            else:
                 z.copy_(h_c @ w_t)
             target_logit = z.gather(1, t_c[:, None])
             row_max = z.amax(1, keepdim=True)
@@ -171,13 +170,13 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             if need_grad:
                 z.mul_(row_sum.reciprocal_().mul_(1.0 / n))  # softmax / n
                 z[torch.arange(rows, device=z.device), t_c] -= 1.0 / n
-                g = z if compute_dtype == acc else z.to(compute_dtype)
-                torch.mm(g, w, out=grad_h[start : start + rows])
-                if g.dtype == acc:
-                    grad_w.addmm_(g.t(), h_c)
+                if fp32_product:
+                    torch.mm(z, w, out=grad_h[start : start + rows])
+                    grad_w.addmm_(z.t(), h_c)
                 else:
+                    g = z.to(compute_dtype)
+                    torch.mm(g, w, out=grad_h[start : start + rows])
                     grad_w += (g.t() @ h_c).to(acc)
-                del g
         if need_grad:
             ctx.save_for_backward(grad_h.to(hidden.dtype), grad_w.to(weight.dtype))
         return total / n
